@@ -1,0 +1,180 @@
+"""The TOML configuration: one frozen, typed value with a default for every key (config.md).
+
+Decoding is done by msgspec, which rejects unknown keys and wrong types with an error that names
+the key path (``Expected `int`, got `str` - at `$.slivers.workers```); we turn that into a
+``ConfigError`` naming the key as ``slivers.workers``. Cross-field checks follow decoding.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .core.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/nodemanager/nodemanager.toml")
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NodeSection(_Section):
+    data_dir: str = "/var/lib/nodemanager"
+    log_file: str = "/var/log/pl_node_mgr.log"
+
+
+class AuthoritySection(_Section):
+    url: str = "https://plc.example.org/PLCAPI/"
+    node_id_file: str = "/etc/planetlab/node_id"
+    node_key_file: str = "/etc/planetlab/node_key"
+    session_file: str = ""
+    ticket_cert: str = "/etc/nodemanager/authority.pem"
+    ca_file: str = ""
+    poll_interval: int = 600
+    poll_jitter: int = 300
+    timeout: int = 30
+
+
+class SyncSection(_Section):
+    max_delete_fraction: float = 0.5
+    confirm_after: int = 2
+
+
+class ApiSection(_Section):
+    tcp: str = "127.0.0.1:812"
+    unix_socket: str = "/run/nodemanager/api.sock"
+    max_request_bytes: int = 1048576
+
+
+class SliversSection(_Section):
+    backend: str = "account"
+    home_root: str = "/home"
+    shell: str = "/bin/bash"
+    name_prefix: str = ""
+    delegate_shell: str = ""
+    workers: int = 4
+    stop_grace: int = 10
+
+
+class TicketsSection(_Section):
+    max_clock_skew: int = 300
+    create_on_redeem: bool = False
+
+
+class EnforceSection(_Section):
+    cpu: bool = True
+    memory: bool = True
+    bandwidth: bool = True
+    disk: bool = True
+    uplink: str = ""
+
+
+class MetricsSection(_Section):
+    listen: str = "127.0.0.1:9812"
+
+
+class Config(_Section):
+    node: NodeSection = msgspec.field(default_factory=NodeSection)
+    authority: AuthoritySection = msgspec.field(default_factory=AuthoritySection)
+    sync: SyncSection = msgspec.field(default_factory=SyncSection)
+    api: ApiSection = msgspec.field(default_factory=ApiSection)
+    slivers: SliversSection = msgspec.field(default_factory=SliversSection)
+    tickets: TicketsSection = msgspec.field(default_factory=TicketsSection)
+    enforce: EnforceSection = msgspec.field(default_factory=EnforceSection)
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node.data_dir)
+
+
+BACKENDS = ("account", "hollow")
+_PREFIX = re.compile(r"[a-z][a-z0-9]{0,7}")
+_KEY_PATH = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
+
+
+def _key_of(message: str) -> str:
+    match = _KEY_PATH.search(message)
+    return match.group("path") if match else ""
+
+
+def _check(config: Config) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+    problems: list[tuple[str, str]] = []
+    a, s, sl = config.authority, config.sync, config.slivers
+    if a.poll_interval < 1:
+        problems.append(("authority.poll_interval", "must be at least 1 second"))
+    if a.poll_jitter < 0:
+        problems.append(("authority.poll_jitter", "must not be negative"))
+    if a.timeout < 1:
+        problems.append(("authority.timeout", "must be at least 1 second"))
+    if not 0.0 < s.max_delete_fraction <= 1.0:
+        problems.append(("sync.max_delete_fraction", "must be in (0, 1]"))
+    if s.confirm_after < 1:
+        problems.append(("sync.confirm_after", "must be at least 1"))
+    if config.api.max_request_bytes < 1024:
+        problems.append(("api.max_request_bytes", "must be at least 1024"))
+    if sl.backend not in BACKENDS:
+        problems.append(("slivers.backend", f"must be one of {', '.join(BACKENDS)}"))
+    if sl.name_prefix and not _PREFIX.fullmatch(sl.name_prefix):
+        problems.append(("slivers.name_prefix", "must be 1-8 characters of [a-z0-9], starting with a letter"))
+    if not 1 <= sl.workers <= 256:
+        problems.append(("slivers.workers", "must be between 1 and 256"))
+    if sl.stop_grace < 0:
+        problems.append(("slivers.stop_grace", "must not be negative"))
+    if not sl.home_root.startswith("/"):
+        problems.append(("slivers.home_root", "must be an absolute path"))
+    if config.tickets.max_clock_skew < 0:
+        problems.append(("tickets.max_clock_skew", "must not be negative"))
+    if problems:
+        key, why = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ConfigError(f"configuration key {key}: {why}{more}")
+
+
+def parse_config(data: dict[str, Any], origin: str = "<config>") -> Config:
+    """Decode a TOML-shaped mapping into a Config, or raise ConfigError naming the key."""
+    try:
+        config = msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        key = _key_of(message)
+        if "unknown field" in message.lower():
+            field = message.split("`")[1] if "`" in message else "?"
+            full = f"{key}.{field}" if key else field
+            raise ConfigError(f"{origin}: unknown configuration key {full}") from exc
+        raise ConfigError(f"{origin}: configuration key {key or '?'}: {message.split(' - at')[0]}") from exc
+    _check(config)
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """Read the TOML file at ``path``; ``None`` or the default path when absent gives all defaults.
+
+    An explicitly named file that does not exist is an error: an operator who passes ``-c`` means
+    that file."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, str(path))
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as TOML (``nodemanager config show``)."""
+    import tomli_w
+
+    return tomli_w.dumps(msgspec.to_builtins(config))

@@ -1,0 +1,186 @@
+"""Plain value types shared by every layer, and the name rule.
+
+These are frozen dataclasses with no behaviour that touches the outside world. A ``Sliver`` is what
+a source (the authority's document, or a verified ticket) says should exist; an ``AccountState`` is
+what the node knows about the machine-side account it made for that sliver. Keeping the two apart is
+what lets the plan compare "desired" with "applied" without asking the OS about unchanged slivers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import InvalidName
+
+#: A slice name becomes a Unix account name and a path component: site prefix, underscore, slice.
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*_[a-z0-9_]+")
+NAME_MAX_LENGTH = 32
+
+#: Names that must never become slivers even though they match the pattern.
+RESERVED_NAMES = frozenset({"root", "daemon", "nobody", "sshd", "nodemanager"})
+
+PLC_INSTANTIATED = "plc-instantiated"
+DELEGATED = "delegated"
+NM_CONTROLLER = "nm-controller"
+NOT_INSTANTIATED = "not-instantiated"
+INSTANTIATIONS = (PLC_INSTANTIATED, DELEGATED, NM_CONTROLLER, NOT_INSTANTIATED)
+
+#: Instantiations whose accounts the sync creates by itself; delegated slivers wait for Create().
+AUTO_INSTANTIATED = frozenset({PLC_INSTANTIATED, NM_CONTROLLER})
+
+SOURCE_AUTHORITY = "authority"
+SOURCE_TICKET = "ticket"
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a safe slice name, else raise :class:`InvalidName` saying why."""
+    if not isinstance(name, str):
+        raise InvalidName(f"slice name must be a string, not {type(name).__name__}")
+    if len(name) > NAME_MAX_LENGTH:
+        raise InvalidName(f"slice name {name[:40]!r}... is longer than {NAME_MAX_LENGTH} characters")
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidName(f"slice name {name!r} does not match {NAME_PATTERN.pattern}")
+    if name in RESERVED_NAMES:
+        raise InvalidName(f"slice name {name!r} is reserved")
+    return name
+
+
+def is_valid_name(name: object) -> bool:
+    try:
+        validate_name(name)
+    except InvalidName:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Sliver:
+    """One sliver as a source states it: identity, keys, attributes, lifetime.
+
+    ``timestamp`` is the timestamp of the document (or ticket ``issued``) it came from; the
+    timestamp rule compares it. ``attributes`` keeps every (tag, value) pair in source order,
+    including repeated and unknown tags; the RSpec is derived from them by ``core.rspec``.
+    """
+
+    name: str
+    slice_id: int
+    instantiation: str
+    expires: int
+    timestamp: int
+    source: str = SOURCE_AUTHORITY
+    keys: tuple[str, ...] = ()
+    attributes: tuple[tuple[str, str], ...] = ()
+    initscript: str = ""
+    controller: str = ""
+
+    @property
+    def auto_instantiated(self) -> bool:
+        return self.instantiation in AUTO_INSTANTIATED
+
+    def content_equal(self, other: Sliver) -> bool:
+        """Same content ignoring ``timestamp``: an unchanged sliver needs no write and no work."""
+        return (
+            self.slice_id == other.slice_id
+            and self.instantiation == other.instantiation
+            and self.expires == other.expires
+            and self.source == other.source
+            and self.keys == other.keys
+            and self.attributes == other.attributes
+            and self.initscript == other.initscript
+            and self.controller == other.controller
+        )
+
+    def fingerprint(self) -> str:
+        """Digest of what the backend applies (keys, attributes, initscript).
+
+        The store remembers the fingerprint last applied; an equal fingerprint means the account
+        needs no backend call at all.
+        """
+        digest = hashlib.sha256()
+        for key in self.keys:
+            digest.update(b"k\0" + key.encode() + b"\0")
+        for tag, value in self.attributes:
+            digest.update(b"a\0" + tag.encode() + b"\0" + value.encode() + b"\0")
+        digest.update(b"i\0" + self.initscript.encode())
+        digest.update(b"c\0" + self.controller.encode() + b"\0" + self.instantiation.encode())
+        return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An entry of a document that failed validation. Nothing of it is trusted, not even its name;
+    ``label`` is only a printable hint for the log (index and a sanitised name)."""
+
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorityDocument:
+    """A validated authority document (GetSlivers or slices.xml): the canonical shape."""
+
+    timestamp: int
+    node_id: int | None
+    hostname: str = ""
+    bwcap_kbps: int | None = None
+    slivers: tuple[Sliver, ...] = ()
+    rejected: tuple[Rejection, ...] = ()
+
+
+class Phase(str, Enum):
+    """Where a sliver's account is in its life. Legal transitions live in ``core.lifecycle``."""
+
+    ABSENT = "absent"          # no account (never created, or destroyed)
+    STOPPED = "stopped"        # account exists, no sliver processes started by us
+    RUNNING = "running"        # Start ran
+    FAILED = "failed"          # last operation failed; retried with backoff
+    DESTROYING = "destroying"  # destroy in progress
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """What the node manager knows about the machine side of one sliver (persisted in the store).
+
+    ``owned`` means the node manager itself created the account: only owned accounts are ever
+    modified or removed. ``applied`` is the fingerprint of the Sliver last applied successfully.
+    """
+
+    name: str
+    uid: int | None = None
+    owned: bool = False
+    applied: str = ""
+    phase: Phase = Phase.ABSENT
+    failures: int = 0
+    last_error: str = ""
+    retry_at: float = 0.0
+    create_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedAccount:
+    """What the backend sees on the machine for one sliver name, from one cheap pass."""
+
+    name: str
+    uid: int
+    managed_marker: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Loan:
+    """``lender`` lends ``amount`` of ``resource`` to ``recipient`` (resources.md)."""
+
+    recipient: str
+    resource: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValveState:
+    """The mass-deletion safety valve's memory between documents: which removals are held and in
+    how many consecutive documents the same set of removals has been seen."""
+
+    held: frozenset[str] = field(default_factory=frozenset)
+    seen: int = 0
