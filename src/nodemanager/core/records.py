@@ -75,6 +75,8 @@ class Sliver:
     attributes: tuple[tuple[str, str], ...] = ()
     initscript: str = ""
     controller: str = ""
+    #: Memo of ``fingerprint()``; not part of the value (excluded from comparison and repr).
+    _fingerprint: str = field(default="", init=False, compare=False, repr=False, hash=False)
 
     @property
     def auto_instantiated(self) -> bool:
@@ -97,8 +99,11 @@ class Sliver:
         """Digest of what the backend applies (keys, attributes, initscript).
 
         The store remembers the fingerprint last applied; an equal fingerprint means the account
-        needs no backend call at all.
+        needs no backend call at all. Computed once per object (records are shared frozen objects,
+        so a no-op sync of thousands of slivers hashes nothing).
         """
+        if self._fingerprint:
+            return self._fingerprint
         digest = hashlib.sha256()
         for key in self.keys:
             digest.update(b"k\0" + key.encode() + b"\0")
@@ -106,7 +111,9 @@ class Sliver:
             digest.update(b"a\0" + tag.encode() + b"\0" + value.encode() + b"\0")
         digest.update(b"i\0" + self.initscript.encode())
         digest.update(b"c\0" + self.controller.encode() + b"\0" + self.instantiation.encode())
-        return digest.hexdigest()[:32]
+        fingerprint = digest.hexdigest()[:32]
+        object.__setattr__(self, "_fingerprint", fingerprint)
+        return fingerprint
 
 
 @dataclass(frozen=True, slots=True)

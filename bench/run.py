@@ -1,0 +1,30 @@
+"""`make bench`: every benchmark, each size in its own process (so peak RSS is per size).
+
+Prints one line per figure: ``METRIC <name> <value> <unit>``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    failed = 0
+    runs = [[str(HERE / "sync_bench.py"), "--sizes", str(n)] for n in (100, 1000, 10000)]
+    if os.geteuid() == 0:
+        runs.append([str(HERE / "accounts_bench.py")])
+    else:
+        print("# accounts benchmark skipped: needs root (real accounts)", flush=True)
+    for argv in runs:
+        failed |= subprocess.run([sys.executable, *argv], env=env, check=False).returncode
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The hollow backend: records only — no account, file or process is ever created.
+
+It exists so the whole daemon (sync, workers, API, loans, tickets) can run unprivileged, and so
+that many simulated nodes fit on one machine for scale tests. It makes no OS call at all and takes
+no ``Host``. It says what it is: a warning at construction, and ``kind = "hollow"`` for ``status``.
+
+Each "account" is an in-memory entry with a fake uid (from 100000 up, never reused) recording the
+keys, initscript and enabled flag last configured and whether it was started. ``calls`` counts
+calls per method, so a benchmark can assert that unchanged slivers cost no backend call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from ..core.errors import AccountConflict, BackendError
+from ..core.records import ObservedAccount, Sliver, validate_name
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..host import Host
+
+logger = logging.getLogger(__name__)
+
+FIRST_UID = 100000
+
+
+@dataclass(frozen=True, slots=True)
+class HollowAccount:
+    """What the hollow backend remembers of one sliver. ``version`` grows on every real change,
+    so an idempotent call is visible as an unchanged version."""
+
+    name: str
+    uid: int
+    keys: tuple[str, ...] = ()
+    initscript: str = ""
+    enabled: bool = True
+    running: bool = False
+    version: int = 0
+
+
+class HollowBackend:
+    kind = "hollow"
+
+    def __init__(self, *, first_uid: int = FIRST_UID) -> None:
+        self._lock = threading.Lock()
+        self._accounts: dict[str, HollowAccount] = {}
+        self._next_uid = first_uid
+        self.calls: Counter[str] = Counter()
+        logger.warning("hollow backend: records only, no accounts are created")
+
+    @classmethod
+    def from_config(cls, config: Config, host: Host | None = None) -> HollowBackend:
+        """The configuration has nothing for this backend; ``host`` is accepted and ignored so
+        both backends build the same way."""
+        return cls()
+
+    def account(self, name: str) -> HollowAccount | None:
+        """The recorded state of ``name`` (for tests and the simulator)."""
+        with self._lock:
+            return self._accounts.get(name)
+
+    # --- Backend protocol -----------------------------------------------------------------
+    def observe(self) -> dict[str, ObservedAccount]:
+        with self._lock:
+            self.calls["observe"] += 1
+            return {n: ObservedAccount(n, a.uid, True) for n, a in self._accounts.items()}
+
+    def lookup(self, name: str) -> ObservedAccount | None:
+        with self._lock:
+            self.calls["lookup"] += 1
+            account = self._accounts.get(name)
+        return None if account is None else ObservedAccount(name, account.uid, True)
+
+    def create(self, sliver: Sliver) -> int:
+        name = validate_name(sliver.name)
+        with self._lock:
+            self.calls["create"] += 1
+            if name in self._accounts:
+                raise AccountConflict(f"sliver {name}: account {name!r} already exists")
+            uid = self._next_uid
+            self._next_uid += 1
+            self._accounts[name] = HollowAccount(name, uid)
+        logger.info("sliver=%s event=created uid=%d backend=hollow", name, uid)
+        return uid
+
+    def configure(self, sliver: Sliver, rspec: Mapping[str, int]) -> None:
+        enabled = rspec.get("nm_enabled", 1) != 0
+        with self._lock:
+            self.calls["configure"] += 1
+            old = self._existing(sliver.name)
+            new = replace(old, keys=tuple(sliver.keys) if enabled else (), initscript=sliver.initscript,
+                          enabled=enabled, running=old.running and enabled)
+            if new != old:
+                self._accounts[sliver.name] = replace(new, version=old.version + 1)
+
+    def start(self, sliver: Sliver) -> None:
+        with self._lock:
+            self.calls["start"] += 1
+            old = self._existing(sliver.name)
+            if old.enabled and not old.running:
+                self._accounts[sliver.name] = replace(old, running=True, version=old.version + 1)
+
+    def stop(self, name: str) -> None:
+        with self._lock:
+            self.calls["stop"] += 1
+            old = self._accounts.get(name)
+            if old is not None and old.running:
+                self._accounts[name] = replace(old, running=False, version=old.version + 1)
+
+    def destroy(self, name: str) -> None:
+        with self._lock:
+            self.calls["destroy"] += 1
+            removed = self._accounts.pop(name, None)
+        if removed is not None:
+            logger.info("sliver=%s event=destroyed uid=%d backend=hollow", name, removed.uid)
+
+    def is_running(self, name: str) -> bool:
+        with self._lock:
+            self.calls["is_running"] += 1
+            account = self._accounts.get(name)
+        return account is not None and account.running
+
+    def _existing(self, name: str) -> HollowAccount:
+        account = self._accounts.get(name)
+        if account is None:
+            raise BackendError(f"sliver {name}: account does not exist")
+        return account

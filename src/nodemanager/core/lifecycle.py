@@ -1,0 +1,64 @@
+"""Sliver phases and their legal transitions, in one table.
+
+Workers move a sliver's ``AccountState.phase`` only through :func:`transition`, so an impossible
+jump (say, a destroyed account becoming RUNNING without being created again) is a loud bug at the
+point it happens, not a puzzling state found later in the store (Supervisor's asserted process
+states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from .records import Phase
+
+
+class _FrozenMapping(Mapping[Phase, frozenset[Phase]]):
+    """A read-only mapping, so no caller can widen the table at run time."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[Phase, frozenset[Phase]]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: Phase) -> frozenset[Phase]:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[Phase]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r})"
+
+
+def _table(edges: Mapping[Phase, tuple[Phase, ...]]) -> _FrozenMapping:
+    # Staying in the same phase is always legal (an idempotent repeat of the same operation).
+    return _FrozenMapping({phase: frozenset(edges[phase]) | {phase} for phase in Phase})
+
+
+#: phase -> the phases it may move to (itself included).
+TRANSITIONS: Mapping[Phase, frozenset[Phase]] = _table(
+    {
+        Phase.ABSENT: (Phase.STOPPED, Phase.RUNNING, Phase.FAILED),
+        Phase.STOPPED: (Phase.RUNNING, Phase.FAILED, Phase.DESTROYING),
+        Phase.RUNNING: (Phase.STOPPED, Phase.FAILED, Phase.DESTROYING),
+        Phase.FAILED: (Phase.STOPPED, Phase.RUNNING, Phase.DESTROYING, Phase.ABSENT),
+        Phase.DESTROYING: (Phase.ABSENT, Phase.FAILED),
+    }
+)
+
+
+def is_legal(current: Phase, new: Phase) -> bool:
+    """Whether a sliver may move from ``current`` to ``new``."""
+    return Phase(new) in TRANSITIONS[Phase(current)]
+
+
+def transition(current: Phase, new: Phase) -> Phase:
+    """Return ``new`` if moving there from ``current`` is legal, else raise ``ValueError``."""
+    current, new = Phase(current), Phase(new)
+    if not is_legal(current, new):
+        raise ValueError(f"illegal sliver phase transition {current.value} -> {new.value}")
+    return new

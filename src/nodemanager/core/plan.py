@@ -1,0 +1,131 @@
+"""The reconcile plan: what the workers must do so the machine matches the records.
+
+``plan_actions`` compares three views of each sliver — the record (what the sources say), the
+account state (what the node manager last did, from the store) and the observed account (what
+the backend sees now, from one cheap pass) — and returns the actions that close the gap. It does
+no I/O and asks the OS nothing, so planning 10,000 unchanged slivers costs a few dictionary
+lookups and one fingerprint comparison each: unchanged slivers yield no action and no backend
+call at all.
+
+The plan never destroys what the node manager did not create (only ``owned`` accounts are
+destroyed or reconfigured), and never destroys an orphan account before the caller has seen a
+good authority document since start-up (``may_destroy_orphans``: kubelet's "don't delete until
+every source has been seen").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from .records import AccountState, ObservedAccount, Phase, Sliver
+from .rspec import rspec_from_attributes
+
+REASON_EXPIRED = "expired"
+REASON_NOT_INSTANTIATED = "no longer instantiated"
+REASON_NEW = "new sliver"
+REASON_DRIFT = "account disappeared (drift)"
+REASON_UID_CHANGED = "account was replaced by someone else (uid changed)"
+REASON_CHANGED = "keys or attributes changed"
+REASON_RETRY = "retrying after failure"
+REASON_REMOVED = "removed by authority"
+
+
+class ActionKind(str, Enum):
+    DESTROY = "destroy"
+    CREATE = "create"
+    CONFIGURE = "configure"
+    CONFLICT = "conflict"
+
+
+#: Plan order: destroys first (they free names and resources), then conflicts, creates and
+#: configures; within a kind, by name.
+_KIND_ORDER = {
+    ActionKind.DESTROY: 0,
+    ActionKind.CONFLICT: 1,
+    ActionKind.CREATE: 2,
+    ActionKind.CONFIGURE: 3,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One thing a worker must do for one sliver.
+
+    ``sliver`` is None for the DESTROY of an orphan account (no record left) and for CONFLICT
+    (the worker only reports it). ``start`` matters for CREATE only: start the sliver afterwards.
+    """
+
+    kind: ActionKind
+    name: str
+    sliver: Sliver | None
+    reason: str
+    start: bool = False
+
+
+def _enabled(sliver: Sliver) -> bool:
+    """``nm_enabled != 0``: computed only for CREATE, so unchanged slivers parse no RSpec."""
+    return rspec_from_attributes(sliver.attributes)["nm_enabled"] != 0
+
+
+def plan_actions(
+    records: Mapping[str, Sliver],
+    accounts: Mapping[str, AccountState],
+    observed: Mapping[str, ObservedAccount],
+    now: float,
+    *,
+    may_destroy_orphans: bool,
+) -> list[Action]:
+    """The ordered actions that make the machine match ``records``.
+
+    Rules, per name (a name whose account state has ``retry_at > now`` is skipped: backoff):
+    - record expired (``expires <= now``) -> DESTROY "expired", whether or not an account exists;
+    - wanted = auto-instantiated, or ``create_requested`` in its account state;
+    - not wanted and owned -> DESTROY "no longer instantiated";
+    - wanted and not owned, or owned but never created (no uid, no account: only the intent
+      was recorded) -> CREATE "new sliver" (start when auto-instantiated and enabled); a
+      foreign account of that name is the worker's to report as a conflict;
+    - wanted, owned, not observed -> CREATE "account disappeared (drift)", started again only if
+      it was running;
+    - wanted, owned, observed with a uid other than the one we created -> CONFLICT;
+    - wanted, owned, observed, and the applied fingerprint differs or the phase is FAILED ->
+      CONFIGURE;
+    - an owned account with no record -> DESTROY "removed by authority", only when
+      ``may_destroy_orphans``.
+    Order: DESTROY, CONFLICT, CREATE, CONFIGURE, each by name.
+    """
+    actions: list[Action] = []
+    append = actions.append
+    for name, record in records.items():
+        state = accounts.get(name)
+        if state is not None and state.retry_at > now:
+            continue
+        if record.expires <= now:
+            append(Action(ActionKind.DESTROY, name, record, REASON_EXPIRED))
+            continue
+        if not (record.auto_instantiated or (state is not None and state.create_requested)):
+            if state is not None and state.owned:
+                append(Action(ActionKind.DESTROY, name, record, REASON_NOT_INSTANTIATED))
+            continue
+        seen = observed.get(name)
+        if state is None or not state.owned or (seen is None and state.uid is None):
+            # Never created yet (possibly only its intent was recorded before a crash).
+            start = record.auto_instantiated and _enabled(record)
+            append(Action(ActionKind.CREATE, name, record, REASON_NEW, start))
+            continue
+        if seen is None:
+            running = state.phase == Phase.RUNNING
+            append(Action(ActionKind.CREATE, name, record, REASON_DRIFT, running))
+        elif state.uid is not None and seen.uid != state.uid:
+            append(Action(ActionKind.CONFLICT, name, None, REASON_UID_CHANGED))
+        elif state.phase == Phase.FAILED:
+            append(Action(ActionKind.CONFIGURE, name, record, REASON_RETRY))
+        elif state.applied != record.fingerprint():
+            append(Action(ActionKind.CONFIGURE, name, record, REASON_CHANGED))
+    if may_destroy_orphans:
+        for name, state in accounts.items():
+            if state.owned and name not in records and not state.retry_at > now:
+                append(Action(ActionKind.DESTROY, name, None, REASON_REMOVED))
+    actions.sort(key=lambda action: (_KIND_ORDER[action.kind], action.name))
+    return actions

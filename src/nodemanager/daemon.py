@@ -1,0 +1,206 @@
+"""Composition root: config -> store -> host -> backend -> operations -> workers -> sync -> loop.
+
+This is the only module that names concrete adapter classes. Tests and the demo build a
+``NodeManager`` with overrides (a fetch function, a backend, a clock) instead of patching.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .authority.client import AuthorityClient, next_poll_delay
+from .backends.base import Backend
+from .clock import Clock, SystemClock
+from .config import Config
+from .core.errors import NodeManagerError, StoreError
+from .operations import SliverOperations
+from .store import Store
+from .sync import META_BWCAP, Fetch, SyncOutcome, Syncer
+from .workers import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+META_BACKEND = "backend"
+META_ADOPT = "adopt_marked_accounts"
+#: After a failed poll, retry sooner than the poll period: 30 s, 60 s, ... up to the period.
+FAILED_POLL_RETRY_S = 30.0
+
+
+class AlreadyRunning(NodeManagerError):
+    """Another node manager process holds the data directory's lock."""
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``data_dir/nodemanager.pid`` holding our pid.
+
+    The kernel releases the lock when the process dies, even by ``kill -9``, so a stale pid file
+    never blocks a restart, and two daemons can never run on one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "nodemanager.pid"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another node manager (pid {read_pid(self.path) or '?'}) is running on {self.path.parent}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def build_backend(config: Config) -> Backend:
+    """The backend named by ``slivers.backend``."""
+    if config.slivers.backend == "hollow":
+        from .backends.hollow import HollowBackend
+
+        return HollowBackend()
+    from .backends.account import AccountBackend
+    from .host import Host
+
+    return AccountBackend.from_config(config, Host())
+
+
+@dataclass
+class Overrides:
+    """Replacements for tests, the demo and benchmarks."""
+
+    fetch: Fetch | None = None
+    backend: Backend | None = None
+    clock: Clock | None = None
+
+
+class NodeManager:
+    """The assembled node manager: owns the store, pool and syncer; runs the poll loop."""
+
+    def __init__(self, config: Config, overrides: Overrides | None = None) -> None:
+        overrides = overrides or Overrides()
+        self.config = config
+        self.clock = overrides.clock or SystemClock()
+        self.lock = DataDirLock(config.data_dir)
+        self.lock.acquire()
+        try:
+            self.store, corrupt = Store.open_or_quarantine(config.data_dir / "nodemanager.sqlite")
+        except BaseException:
+            self.lock.release()
+            raise
+        if corrupt:
+            logger.critical(
+                "event=store-corrupt reason=%s action=started-empty "
+                "(nothing will be destroyed; records are rebuilt from the next authority document "
+                "and our marked accounts are adopted)", corrupt,
+            )
+            self.store.set_meta({META_ADOPT: "1"})
+        self.backend = overrides.backend or build_backend(config)
+        if self.backend.kind == "hollow":
+            logger.warning("event=hollow-backend note=records-only,no-accounts-are-created")
+        self.store.set_meta({META_BACKEND: self.backend.kind})
+        self._cap: int | None = None
+        self._read_cap()
+        self.operations = SliverOperations(
+            self.store,
+            self.backend,
+            self.clock,
+            node_cap_kbps=self._node_cap,
+            adopt_marked=self.store.get_meta(META_ADOPT) == "1",
+        )
+        self.pool = WorkerPool(config.slivers.workers)
+        fetch = overrides.fetch
+        if fetch is None:
+            fetch = AuthorityClient.from_config(config).fetch
+        self.syncer = Syncer(
+            store=self.store,
+            backend=self.backend,
+            operations=self.operations,
+            pool=self.pool,
+            fetch=fetch,
+            clock=self.clock,
+            max_delete_fraction=config.sync.max_delete_fraction,
+            confirm_after=config.sync.confirm_after,
+        )
+        self.stop_event = threading.Event()
+        self.wake_event = threading.Event()
+        self.on_sync: list[Callable[[SyncOutcome], None]] = []
+
+    def _node_cap(self) -> int | None:
+        """The node's bandwidth cap from the latest document (read once per cycle, not per op)."""
+        return self._cap
+
+    def _read_cap(self) -> None:
+        raw = self.store.get_meta(META_BWCAP, "")
+        self._cap = int(raw) if raw.isdigit() else None
+
+    def sync_once(self, *, allow_mass_delete: bool = False, wait: bool = True) -> SyncOutcome:
+        outcome = self.syncer.run_once(
+            allow_mass_delete=allow_mass_delete, wait=wait, before_submit=self._read_cap
+        )
+        if outcome.ok and self.syncer.authority_seen:
+            self.store.set_meta({META_ADOPT: ""})
+            self.operations.adopt_marked = False
+        for hook in self.on_sync:
+            hook(outcome)
+        return outcome
+
+    def poll_now(self) -> None:
+        """Ask the loop to poll at once (``nodemanager sync`` / SIGUSR1)."""
+        self.wake_event.set()
+
+    def stop(self) -> None:
+        """Ask the loop to end (SIGTERM/SIGINT). Safe from a signal handler: only sets flags."""
+        self.stop_event.set()
+        self.wake_event.set()
+
+    def run(self) -> None:
+        """Poll until stopped. In-flight operations finish; pending ones are dropped cleanly."""
+        a = self.config.authority
+        failures = 0
+        logger.info("event=daemon-started backend=%s workers=%d", self.backend.kind, self.pool.workers)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    outcome = self.sync_once(wait=False)
+                    failures = 0 if outcome.ok else failures + 1
+                except StoreError as exc:
+                    failures += 1
+                    logger.error("event=sync-failed error=%s", exc)
+                if failures:
+                    delay = min(float(a.poll_interval), FAILED_POLL_RETRY_S * 2 ** (failures - 1))
+                    delay *= 0.5 + random.random()
+                else:
+                    delay = next_poll_delay(a.poll_interval, a.poll_jitter, random.random)
+                self.wake_event.wait(delay)
+                self.wake_event.clear()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        logger.info("event=daemon-stopping action=finishing-in-flight-operations")
+        self.pool.shutdown(cancel_pending=True)
+        self.store.close()
+        self.lock.release()
+        logger.info("event=daemon-stopped")

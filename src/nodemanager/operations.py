@@ -1,0 +1,213 @@
+"""What a worker does for one sliver: ensure, destroy, start, stop — with the store kept truthful.
+
+Each operation writes its intent to the store before touching the machine and its outcome after,
+each in one transaction, so a ``kill -9`` at any instant leaves a store from which the next cycle
+converges: an account whose creation was interrupted is known to be ours (``owned`` is recorded
+before ``useradd``), and an account that exists is never created twice.
+
+Ownership is the safety rule of the whole daemon: only accounts recorded as ``owned`` are ever
+modified or removed. An account that exists with a sliver's name but was not made by us is a
+conflict, reported with a clear error and retried with backoff, never touched.
+
+These methods run on worker threads (one at a time per sliver, see ``workers``); they are not meant
+to be called concurrently for the same sliver.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from .backends.base import Backend
+from .clock import Clock
+from .core.errors import AccountConflict, NodeManagerError, NotAllowedForSliver, UnknownSliver
+from .core.records import AccountState, Phase, Sliver
+from .core.rspec import effective_rspecs, rspec_from_attributes
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+#: Retry backoff after a failed operation: base * 2**(failures-1), capped, with +-50% jitter.
+BACKOFF_BASE_S = 30.0
+BACKOFF_CAP_S = 3600.0
+
+
+def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before retrying a sliver that has failed ``failures`` times in a row."""
+    base = min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** max(0, failures - 1)))
+    return base * (0.5 + rng())
+
+
+class SliverOperations:
+    """The job bodies that ``sync`` and the API hand to the worker pool."""
+
+    def __init__(
+        self,
+        store: Store,
+        backend: Backend,
+        clock: Clock,
+        *,
+        node_cap_kbps: Callable[[], int | None] = lambda: None,
+        rng: Callable[[], float] = random.random,
+        adopt_marked: bool = False,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.clock = clock
+        self.node_cap_kbps = node_cap_kbps
+        self.rng = rng
+        #: After a corrupt store was set aside, accounts carrying our marker are adopted as ours
+        #: (rebuilding ownership) instead of being reported as conflicts.
+        self.adopt_marked = adopt_marked
+
+    # --- helpers -------------------------------------------------------------------------
+    def effective_rspec(self, name: str, own: Sliver | None = None) -> dict[str, int]:
+        """The sliver's RSpec after loans (resources.md).
+
+        Only the slivers that can affect ``name`` are loaded: a loan's effect depends on its
+        lender's own RSpec and earlier loans and on whether the recipient exists, so ``name``,
+        its lenders and the recipients of their loans are enough. With no loans involved this is
+        one record lookup, which keeps a full sync of thousands of slivers linear.
+        """
+        cap = self.node_cap_kbps()
+        own = own or self.store.sliver(name)
+        if own is None:
+            raise UnknownSliver(f"no sliver named {name!r} on this node")
+        loans = self.store.loans()
+        if not loans:
+            return rspec_from_attributes(own.attributes, cap)
+        lenders = {name} | {lender for lender, given in loans.items() if any(l.recipient == name for l in given)}
+        involved = set(lenders)
+        for lender in lenders:
+            involved.update(l.recipient for l in loans.get(lender, ()))
+        rspecs: dict[str, dict[str, int]] = {}
+        for other in involved:
+            record = own if other == name else self.store.sliver(other)
+            if record is not None:
+                rspecs[other] = rspec_from_attributes(record.attributes, cap)
+        relevant = {lender: loans[lender] for lender in lenders if lender in loans}
+        return effective_rspecs(rspecs, relevant)[name]
+
+    def _state(self, name: str) -> AccountState:
+        return self.store.account(name) or AccountState(name=name)
+
+    def _fail(self, name: str, exc: BaseException) -> None:
+        state = self._state(name)
+        failures = state.failures + 1
+        retry_at = self.clock.now() + backoff_delay(failures, self.rng)
+        self.store.record_failure(name, str(exc), retry_at)
+        logger.error(
+            "sliver=%s event=failed failures=%d retry_in=%.0fs error=%s",
+            name, failures, retry_at - self.clock.now(), exc,
+        )
+
+    def _guarded(self, name: str, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except NodeManagerError as exc:
+            self._fail(name, exc)
+            raise
+        except Exception as exc:  # a bug or an untranslated OS error: still one sliver only
+            logger.exception("sliver=%s event=internal-error", name)
+            self._fail(name, exc)
+            raise
+
+    # --- operations ----------------------------------------------------------------------
+    def ensure(self, sliver: Sliver, start: bool = False) -> None:
+        """Create the account if needed and make it match ``sliver``; optionally start it."""
+        self._guarded(sliver.name, lambda: self._ensure(sliver, start))
+
+    def _ensure(self, sliver: Sliver, start: bool) -> None:
+        name = sliver.name
+        state = self._state(name)
+        existing = self.backend.lookup(name)
+        if not state.owned and existing is not None:
+            if not (existing.managed_marker and self.adopt_marked):
+                raise AccountConflict(
+                    f"sliver {name}: an account of that name already exists and was not created "
+                    "by the node manager; it is left untouched"
+                )
+            state = replace(state, owned=True, uid=existing.uid)
+            logger.warning("sliver=%s event=adopted uid=%d reason=store-rebuilt", name, existing.uid)
+        elif not state.owned:
+            # Intent first, durably: if we die after useradd, the next cycle knows it is ours.
+            self.store.mark_owned([name])
+            state = replace(state, owned=True, uid=None, phase=Phase.ABSENT)
+        if existing is None:
+            recreated = state.uid is not None
+            try:
+                uid = self.backend.create(sliver)
+            except AccountConflict:
+                if state.uid is None:  # the name was never ours: give it back
+                    self.store.put_account(replace(state, owned=False))
+                raise
+            state = replace(state, uid=uid, phase=Phase.STOPPED)
+            if recreated:
+                logger.warning("sliver=%s event=recreated uid=%d reason=account-disappeared", name, uid)
+            else:
+                logger.info("sliver=%s event=created uid=%d", name, uid)
+        elif state.uid is None:
+            state = replace(state, uid=existing.uid)
+        elif existing.uid != state.uid:
+            raise AccountConflict(
+                f"sliver {name}: account uid changed from {state.uid} to {existing.uid}; "
+                "it was replaced outside the node manager and is left untouched"
+            )
+        rspec = self.effective_rspec(name, sliver)
+        self.backend.configure(sliver, rspec)
+        phase = state.phase if state.phase in (Phase.RUNNING, Phase.STOPPED) else Phase.STOPPED
+        if rspec.get("nm_enabled", 1) == 0:
+            phase = Phase.STOPPED
+        elif start:
+            self.backend.start(sliver)
+            phase = Phase.RUNNING
+            logger.info("sliver=%s event=started", name)
+        self.store.put_account(
+            replace(state, applied=sliver.fingerprint(), phase=phase, failures=0, last_error="", retry_at=0.0)
+        )
+        logger.info("sliver=%s event=configured", name)
+
+    def destroy(self, name: str) -> None:
+        """Stop and remove the sliver's account if we own it; then forget the sliver."""
+        self._guarded(name, lambda: self._destroy(name))
+
+    def _destroy(self, name: str) -> None:
+        state = self.store.account(name)
+        if state is not None and state.owned:
+            self.store.put_account(replace(state, phase=Phase.DESTROYING))
+            self.backend.destroy(name)
+            logger.info("sliver=%s event=destroyed", name)
+        self.store.finish_destroy(name)
+
+    def report_conflict(self, name: str, reason: str) -> None:
+        """Record that the sliver's account is in a state we must not touch (with backoff)."""
+
+        def body() -> None:
+            raise AccountConflict(f"sliver {name}: {reason}; it is left untouched")
+
+        self._guarded(name, body)
+
+    def start(self, name: str) -> None:
+        self._guarded(name, lambda: self._start_or_stop(name, True))
+
+    def stop(self, name: str) -> None:
+        self._guarded(name, lambda: self._start_or_stop(name, False))
+
+    def _start_or_stop(self, name: str, run: bool) -> None:
+        sliver = self.store.sliver(name)
+        state = self.store.account(name)
+        if sliver is None:
+            raise UnknownSliver(f"no sliver named {name!r} on this node")
+        if state is None or not state.owned or state.uid is None:
+            raise AccountConflict(f"sliver {name}: its account has not been created yet")
+        if run:
+            if self.effective_rspec(name).get("nm_enabled", 1) == 0:
+                raise NotAllowedForSliver(f"sliver {name} is disabled (nm_enabled = 0)")
+            self.backend.start(sliver)
+        else:
+            self.backend.stop(name)
+        self.store.put_account(replace(state, phase=Phase.RUNNING if run else Phase.STOPPED))
+        logger.info("sliver=%s event=%s", name, "started" if run else "stopped")
+

@@ -1,0 +1,247 @@
+"""One sync cycle: authority document -> merged records -> plan -> workers.
+
+Data flows one way (style.md): the fetched document is validated by the authority adapter, merged
+into the records by ``core.desired`` (timestamp rule, safety valve), persisted in one transaction,
+compared with what the node has applied by ``core.plan``, and the resulting actions are handed to
+the per-sliver workers. Nothing here touches the machine directly.
+
+A cycle also runs when the authority is unreachable: the records we hold still drive drift repair,
+expiry and retries, while removals of slivers are gated until a good document has been received
+since this process started (a node that boots while the authority is down keeps everything).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .backends.base import Backend
+from .clock import Clock
+from .core.desired import MergeResult, merge_document
+from .core.errors import AuthorityError, DocumentRejected, NodeManagerError
+from .core.plan import Action, ActionKind, plan_actions
+from .core.records import AuthorityDocument, Sliver
+from .operations import SliverOperations
+from .store import Store
+from .workers import Completion, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+Fetch = Callable[[], tuple[AuthorityDocument, frozenset[str]]]
+
+META_AUTHORITY_TIMESTAMP = "authority_timestamp"
+META_BWCAP = "bwcap_kbps"
+META_LAST_SYNC = "last_sync_time"
+META_LAST_OUTCOME = "last_sync_outcome"
+META_LAST_GOOD = "last_good_sync_time"
+#: Set by `nodemanager sync --allow-mass-delete` for the running daemon's next cycle.
+META_ALLOW_MASS_DELETE = "allow_mass_delete_requested"
+
+
+@dataclass
+class SyncOutcome:
+    """What one cycle did, for the log, ``status``, metrics and the CLI."""
+
+    ok: bool
+    message: str
+    document_timestamp: int | None = None
+    rejected: int = 0
+    upserts: int = 0
+    deletes: int = 0
+    held: tuple[str, ...] = ()
+    valve_tripped: bool = False
+    actions: list[Action] = field(default_factory=list)
+    completions: dict[str, Completion] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for action in self.actions:
+            kinds[action.kind.value] = kinds.get(action.kind.value, 0) + 1
+        done = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no changes"
+        held = f"; {len(self.held)} removals HELD by the safety valve" if self.held else ""
+        rejected = f"; {self.rejected} entries rejected" if self.rejected else ""
+        return f"{self.message}: {done}{held}{rejected}"
+
+
+class Syncer:
+    """Runs sync cycles. Called from one thread at a time (the daemon's loop or the CLI)."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        backend: Backend,
+        operations: SliverOperations,
+        pool: WorkerPool,
+        fetch: Fetch | None,
+        clock: Clock,
+        max_delete_fraction: float = 0.5,
+        confirm_after: int = 2,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.operations = operations
+        self.pool = pool
+        self.fetch = fetch
+        self.clock = clock
+        self.max_delete_fraction = max_delete_fraction
+        self.confirm_after = confirm_after
+        #: The deletion gate: no sliver is destroyed for being absent until a good document has
+        #: been received since this process started.
+        self.authority_seen = False
+
+    # --- the pieces ----------------------------------------------------------------------
+    def _fetch(self) -> tuple[AuthorityDocument, frozenset[str]] | None:
+        if self.fetch is None:
+            return None
+        return self.fetch()
+
+    def merge(self, doc: AuthorityDocument, protected: frozenset[str], *, allow_mass_delete: bool) -> MergeResult | None:
+        """Merge ``doc`` into the stored records (not persisted). None for a stale document."""
+        last = int(self.store.get_meta(META_AUTHORITY_TIMESTAMP, "0") or 0)
+        if doc.timestamp < last:
+            logger.warning(
+                "event=stale-document timestamp=%d newest_seen=%d action=ignored", doc.timestamp, last
+            )
+            return None
+        return merge_document(
+            self.store.slivers(),
+            doc,
+            self.store.valve(),
+            max_delete_fraction=self.max_delete_fraction,
+            confirm_after=self.confirm_after,
+            allow_mass_delete=allow_mass_delete,
+            protected=protected,
+        )
+
+    def plan(self, records: dict[str, Sliver] | None = None) -> list[Action]:
+        """The actions a cycle would hand to the workers now."""
+        return self._plan(records)[0]
+
+    def _plan(self, records: dict[str, Sliver] | None) -> tuple[list[Action], set[str]]:
+        accounts = self.store.accounts()
+        observed = self.backend.observe()
+        actions = plan_actions(
+            self.store.slivers() if records is None else records,
+            accounts,
+            observed,
+            self.clock.now(),
+            may_destroy_orphans=self.authority_seen,
+        )
+        fresh = {
+            a.name for a in actions
+            if a.kind is ActionKind.CREATE and a.name not in observed
+            and not ((state := accounts.get(a.name)) is not None and state.owned)
+        }
+        return actions, fresh
+
+    def submit(self, action: Action) -> Completion:
+        """Hand one action to the sliver's worker."""
+        ops = self.operations
+        if action.kind is ActionKind.DESTROY:
+            return self.pool.submit(action.name, "destroy", lambda: ops.destroy(action.name))
+        if action.kind is ActionKind.CONFLICT:
+            return self.pool.submit(
+                action.name, "conflict", lambda: ops.report_conflict(action.name, action.reason)
+            )
+        sliver = action.sliver
+        assert sliver is not None
+        return self.pool.submit(action.name, "ensure", lambda: ops.ensure(sliver, action.start))
+
+    # --- a cycle -------------------------------------------------------------------------
+    def run_once(
+        self,
+        *,
+        allow_mass_delete: bool = False,
+        wait: bool = False,
+        before_submit: Callable[[], None] | None = None,
+    ) -> SyncOutcome:
+        """Fetch, merge, persist, plan and submit. With ``wait``, return after the work is done.
+
+        ``before_submit`` runs after the document is persisted and before any work is handed out
+        (the daemon refreshes what it caches from the document there, e.g. the node's cap)."""
+        started = time.monotonic()
+        operator_allowed = self.store.get_meta(META_ALLOW_MASS_DELETE) == "1"
+        allow_mass_delete = allow_mass_delete or operator_allowed
+        outcome = SyncOutcome(ok=True, message="no authority configured")
+        records: dict[str, Sliver] | None = None
+        try:
+            fetched = self._fetch()
+        except AuthorityError as exc:
+            kind = "rejected" if isinstance(exc, DocumentRejected) else "unavailable"
+            logger.error("event=authority-%s error=%s action=keeping-last-good-state", kind, exc)
+            outcome = SyncOutcome(ok=False, message=f"authority {kind}: {exc}")
+            fetched = None
+        if fetched is not None:
+            doc, protected = fetched
+            for rejection in doc.rejected:
+                logger.error("event=entry-rejected entry=%s reason=%s", rejection.label, rejection.reason)
+            merged = self.merge(doc, protected, allow_mass_delete=allow_mass_delete)
+            outcome = SyncOutcome(
+                ok=True,
+                message="ok" if merged is not None else "stale document ignored",
+                document_timestamp=doc.timestamp,
+                rejected=len(doc.rejected),
+            )
+            if merged is not None:
+                records = self._persist(doc, merged, outcome)
+                if operator_allowed:
+                    self.store.set_meta({META_ALLOW_MASS_DELETE: ""})
+                    logger.warning("event=mass-delete-allowed-by-operator deletes=%d", len(merged.deletes))
+            self.authority_seen = True
+        try:
+            if before_submit is not None:
+                before_submit()
+            outcome.actions, fresh = self._plan(records)
+            if fresh:
+                # Record ownership intent for every new account in one durable transaction
+                # before any useradd runs (the per-sliver path would cost one fsync each).
+                self.store.mark_owned(sorted(fresh))
+            for action in outcome.actions:
+                logger.info("sliver=%s event=planned action=%s reason=%s", action.name, action.kind.value, action.reason)
+                outcome.completions[action.name] = self.submit(action)
+            if wait:
+                for completion in outcome.completions.values():
+                    try:
+                        completion.wait()
+                    except NodeManagerError:
+                        pass  # logged with the sliver name by the operation; retried later
+                    except RuntimeError:
+                        pass  # cancelled by shutdown
+        finally:
+            outcome.duration_s = time.monotonic() - started
+            self._record_outcome(outcome)
+        return outcome
+
+    def _persist(self, doc: AuthorityDocument, merged: MergeResult, outcome: SyncOutcome) -> dict[str, Sliver]:
+        meta = {META_AUTHORITY_TIMESTAMP: str(doc.timestamp)}
+        meta[META_BWCAP] = "" if doc.bwcap_kbps is None else str(doc.bwcap_kbps)
+        self.store.apply_records(merged.upserts, merged.deletes, meta)
+        if merged.valve != self.store.valve():
+            self.store.set_valve(merged.valve)
+        if merged.valve_tripped:
+            logger.critical(
+                "event=safety-valve-tripped held_removals=%d names=%s action=not-removing "
+                "(confirmed after %d consecutive documents or `nodemanager sync --allow-mass-delete`)",
+                len(merged.held), ",".join(sorted(merged.held)[:20]), self.confirm_after,
+            )
+        for name in merged.stale_kept:
+            logger.info("sliver=%s event=kept-newer-record reason=timestamp-rule", name)
+        outcome.upserts, outcome.deletes = len(merged.upserts), len(merged.deletes)
+        outcome.held, outcome.valve_tripped = merged.held, merged.valve_tripped
+        return merged.records
+
+    def _record_outcome(self, outcome: SyncOutcome) -> None:
+        now = self.clock.now()
+        meta = {META_LAST_SYNC: f"{now:.0f}", META_LAST_OUTCOME: outcome.summary()}
+        if outcome.ok:
+            meta[META_LAST_GOOD] = f"{now:.0f}"
+        try:
+            self.store.set_meta(meta)
+        except NodeManagerError as exc:
+            logger.error("event=store-write-failed error=%s", exc)
+        log = logger.info if outcome.ok else logger.warning
+        log("event=sync-done duration=%.3fs outcome=%r", outcome.duration_s, outcome.summary())

@@ -1,0 +1,281 @@
+"""A hand-written recording fake of :class:`nodemanager.host.Host`.
+
+It overrides every public method of ``Host`` (a test pins that), so nothing reaches the machine.
+It keeps just enough state for backend logic to be tested without root:
+
+* ``calls``: every method call in order, as ``(method, *arguments)`` tuples; ``commands``: the argv
+  lists given to ``run``.
+* an in-memory passwd/group/shadow table that ``useradd``, ``usermod``, ``userdel`` and
+  ``groupdel`` argv lists update (the options the account backend uses, nothing more);
+* ``dirs`` and ``files`` (path -> ``FakeFile``) for the file methods;
+* ``processes`` (pid -> uid): ``spawn_detached`` adds one, SIGTERM ends it unless the pid is in
+  ``ignore_term``, SIGKILL ends it unless it is in ``immortal``;
+* a manual clock: ``sleep`` advances ``monotonic``;
+* failures on cue: ``fail_next("useradd")`` makes the next ``useradd`` command fail,
+  ``fail_next("makedirs_owned")`` the next call of that method.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..core.errors import BackendError
+from ..host import CommandResult, FileInfo, GroupEntry, Host, PasswdEntry, ShadowEntry
+
+
+@dataclass(frozen=True, slots=True)
+class FakeFile:
+    data: bytes
+    uid: int
+    gid: int
+    mode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    argv: tuple[str, ...]
+    uid: int
+    gid: int
+    home: Path
+    env: dict[str, str]
+    log_path: Path
+    pid: int
+
+
+@dataclass(slots=True)
+class _Failure:
+    returncode: int
+    stderr: str
+    times: int
+
+
+class FakeHost(Host):
+    def __init__(self, *, first_uid: int = 1000) -> None:
+        self.calls: list[tuple[object, ...]] = []
+        self.commands: list[list[str]] = []
+        self.users: dict[str, PasswdEntry] = {"root": PasswdEntry("root", 0, 0, "root", "/root", "/bin/sh")}
+        self.groups: dict[str, GroupEntry] = {"root": GroupEntry("root", 0)}
+        self.shadow: dict[str, ShadowEntry] = {"root": ShadowEntry("root", "*", "")}
+        self.dirs: dict[Path, tuple[int, int, int]] = {}
+        self.files: dict[Path, FakeFile] = {}
+        self.processes: dict[int, int] = {}
+        self.ignore_term: set[int] = set()
+        self.immortal: set[int] = set()
+        self.spawned: list[Spawned] = []
+        self.now = 1000.0
+        self._next_uid = first_uid
+        self._next_pid = 5000
+        self._failures: dict[str, _Failure] = {}
+
+    # --- test controls --------------------------------------------------------------------
+    def fail_next(self, what: str, *, returncode: int = 1, stderr: str = "injected failure", times: int = 1) -> None:
+        """Fail the next ``times`` commands whose argv[0] is ``what``, or calls of method ``what``."""
+        self._failures[what] = _Failure(returncode, stderr, times)
+
+    def add_user(self, name: str, uid: int | None = None, *, gecos: str = "", home: str = "",
+                 password: str = "*") -> PasswdEntry:
+        """Put an account in the table directly, as if made by someone else."""
+        if uid is None:
+            uid = self._allocate_uid()
+        entry = PasswdEntry(name, uid, uid, gecos, home or f"/home/{name}", "/bin/sh")
+        self.users[name] = entry
+        self.groups[name] = GroupEntry(name, uid)
+        self.shadow[name] = ShadowEntry(name, password, "")
+        return entry
+
+    def add_process(self, uid: int) -> int:
+        self._next_pid += 1
+        self.processes[self._next_pid] = uid
+        return self._next_pid
+
+    def commands_named(self, program: str) -> list[list[str]]:
+        return [argv for argv in self.commands if argv and argv[0] == program]
+
+    def method_calls(self, method: str) -> list[tuple[object, ...]]:
+        return [call for call in self.calls if call[0] == method]
+
+    def _maybe_fail(self, what: str) -> _Failure | None:
+        failure = self._failures.get(what)
+        if failure is None:
+            return None
+        failure.times -= 1
+        if failure.times <= 0:
+            del self._failures[what]
+        return failure
+
+    def _record(self, method: str, *args: object) -> None:
+        self.calls.append((method, *args))
+        failure = self._maybe_fail(method)
+        if failure is not None:
+            raise BackendError(f"{method}: {failure.stderr}")
+
+    def _allocate_uid(self) -> int:
+        used = {u.uid for u in self.users.values()} | {g.gid for g in self.groups.values()}
+        while self._next_uid in used:
+            self._next_uid += 1
+        return self._next_uid
+
+    # --- commands -------------------------------------------------------------------------
+    def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 60,
+            check: bool = True) -> CommandResult[bytes]:
+        args = [str(a) for a in argv]
+        self.calls.append(("run", tuple(args)))
+        self.commands.append(args)
+        failure = self._maybe_fail(args[0])
+        if failure is not None:
+            returncode, stderr = failure.returncode, failure.stderr
+        else:
+            returncode, stderr = self._effect(args)
+        if check and returncode != 0:
+            raise BackendError(f"{args[0]} exited with status {returncode}: {stderr or '(no stderr)'}")
+        return CommandResult(args, returncode, b"", stderr.encode())
+
+    def _effect(self, args: list[str]) -> tuple[int, str]:
+        program, name = args[0], args[-1]
+        options = _options(args[1:-1])
+        if program == "useradd":
+            if name in self.users:
+                return 9, f"useradd: user '{name}' already exists"
+            if "--user-group" in options and name in self.groups:
+                return 9, f"useradd: group {name} exists"
+            uid = self._allocate_uid()
+            home = options.get("--home-dir", f"/home/{name}")
+            self.users[name] = PasswdEntry(name, uid, uid, options.get("--comment", ""), home,
+                                           options.get("--shell", "/bin/sh"))
+            self.groups[name] = GroupEntry(name, uid)
+            self.shadow[name] = ShadowEntry(name, options.get("--password", "!"), "")
+            return 0, ""
+        if program == "usermod":
+            if name not in self.users:
+                return 6, f"usermod: user '{name}' does not exist"
+            old = self.shadow[name]
+            self.shadow[name] = replace(old, password=options.get("--password", old.password),
+                                        expire=options.get("--expiredate", old.expire))
+            return 0, ""
+        if program == "userdel":
+            entry = self.users.pop(name, None)
+            if entry is None:
+                return 6, f"userdel: user '{name}' does not exist"
+            self.shadow.pop(name, None)
+            group = self.groups.get(name)
+            if group is not None and group.gid == entry.gid:
+                del self.groups[name]
+            if "--remove" in options:
+                self._remove_under(Path(entry.home))
+            return 0, ""
+        if program == "groupdel":
+            if self.groups.pop(name, None) is None:
+                return 6, f"groupdel: group '{name}' does not exist"
+            return 0, ""
+        return 0, ""
+
+    # --- account databases ----------------------------------------------------------------
+    def getpwnam(self, name: str) -> PasswdEntry | None:
+        self._record("getpwnam", name)
+        return self.users.get(name)
+
+    def getpwuid(self, uid: int) -> PasswdEntry | None:
+        self._record("getpwuid", uid)
+        return next((u for u in self.users.values() if u.uid == uid), None)
+
+    def all_users(self) -> list[PasswdEntry]:
+        self._record("all_users")
+        return list(self.users.values())
+
+    def getgrnam(self, name: str) -> GroupEntry | None:
+        self._record("getgrnam", name)
+        return self.groups.get(name)
+
+    def shadow_entry(self, name: str) -> ShadowEntry | None:
+        self._record("shadow_entry", name)
+        return self.shadow.get(name)
+
+    # --- files ----------------------------------------------------------------------------
+    def makedirs_owned(self, path: Path, uid: int, gid: int, mode: int) -> None:
+        self._record("makedirs_owned", Path(path), uid, gid, mode)
+        self.dirs[Path(path)] = (uid, gid, mode)
+
+    def atomic_write(self, path: Path, data: bytes, *, uid: int, gid: int, mode: int) -> None:
+        self._record("atomic_write", Path(path), data, uid, gid, mode)
+        self.files[Path(path)] = FakeFile(bytes(data), uid, gid, mode)
+
+    def stat_file(self, path: Path) -> FileInfo | None:
+        self._record("stat_file", Path(path))
+        path = Path(path)
+        if path in self.files:
+            f = self.files[path]
+            return FileInfo(f.uid, f.gid, f.mode, "file", len(f.data))
+        if path in self.dirs:
+            uid, gid, mode = self.dirs[path]
+            return FileInfo(uid, gid, mode, "dir", 4096)
+        return None
+
+    def read_file(self, path: Path, *, limit: int = 1 << 20) -> bytes | None:
+        self._record("read_file", Path(path))
+        f = self.files.get(Path(path))
+        return None if f is None else f.data[:limit]
+
+    def remove_file(self, path: Path) -> None:
+        self._record("remove_file", Path(path))
+        self.files.pop(Path(path), None)
+
+    def remove_tree(self, path: Path) -> None:
+        self._record("remove_tree", Path(path))
+        self._remove_under(Path(path))
+
+    def _remove_under(self, root: Path) -> None:
+        for table in (self.files, self.dirs):
+            for path in [p for p in table if p == root or root in p.parents]:
+                del table[path]
+
+    def list_executables(self, directory: Path) -> list[str]:
+        self._record("list_executables", Path(directory))
+        return sorted(p.name for p, f in self.files.items() if p.parent == Path(directory) and f.mode & 0o111)
+
+    # --- processes ------------------------------------------------------------------------
+    def pids_of_uid(self, uid: int) -> list[int]:
+        self._record("pids_of_uid", uid)
+        return sorted(pid for pid, owner in self.processes.items() if owner == uid)
+
+    def kill(self, pid: int, sig: int) -> None:
+        self._record("kill", pid, sig)
+        if pid <= 1:
+            raise BackendError(f"refusing to signal pid {pid}")
+        if pid not in self.processes:
+            return
+        if sig == signal.SIGKILL and pid not in self.immortal:
+            del self.processes[pid]
+        elif sig == signal.SIGTERM and pid not in self.ignore_term and pid not in self.immortal:
+            del self.processes[pid]
+
+    def spawn_detached(self, argv: Sequence[str], *, uid: int, gid: int, home: Path,
+                       env: Mapping[str, str], log_path: Path) -> None:
+        self._record("spawn_detached", tuple(argv), uid)
+        pid = self.add_process(uid)
+        self.spawned.append(Spawned(tuple(str(a) for a in argv), uid, gid, Path(home), dict(env), Path(log_path), pid))
+
+    # --- time -----------------------------------------------------------------------------
+    def sleep(self, seconds: float) -> None:
+        self.calls.append(("sleep", seconds))
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _options(args: Sequence[str]) -> dict[str, str]:
+    """``--opt value`` pairs and bare ``--flag``s of the commands above (value "" for a flag)."""
+    flags = {"--user-group", "--no-create-home", "--remove", "--create-home", "--system"}
+    result: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        if args[i] in flags or i + 1 >= len(args):
+            result[args[i]] = ""
+            i += 1
+        else:
+            result[args[i]] = args[i + 1]
+            i += 2
+    return result

@@ -1,0 +1,185 @@
+"""Fixtures for the authority adapter: a data file, the bundled server, scripted tiny servers.
+
+Every server binds 127.0.0.1 port 0 and is stopped (and its thread joined) at teardown.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from nodemanager.authority.server import AuthorityServer
+
+KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMjWLHebuAEps9lj+CyuRVy+mJfSXdcmDLlw97+0NnDm alice@example.org"
+KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDvR4rkn4Jw4FN8KitX2uxIcB9cweEN2Muo86cwVggpI bob@example.org"
+
+AUTHORITY_TOML = f"""
+[[nodes]]
+id = 1
+hostname = "node1.example.org"
+key = "node-one-key"
+bwcap = 50000
+
+[[nodes]]
+id = 2
+key = "node-two-key"
+
+[[slices]]
+name = "site_alpha"
+id = 101
+nodes = [1]
+keys = ["{KEY_A}"]
+initscript = "echo hello"
+[slices.attributes]
+nm_cpu_share = 2
+vsys = ["a", "b"]
+
+[[slices]]
+name = "site_ctrl"
+id = 102
+instantiation = "nm-controller"
+keys = ["{KEY_B}"]
+
+[[slices]]
+name = "site_deleg"
+id = 103
+instantiation = "delegated"
+controller = "site_ctrl"
+nodes = [2]
+"""
+
+
+@pytest.fixture
+def authority_file(tmp_path: Path) -> Path:
+    path = tmp_path / "authority.toml"
+    path.write_text(AUTHORITY_TOML)
+    return path
+
+
+@pytest.fixture
+def authority(authority_file: Path) -> Iterator[AuthorityServer]:
+    server = AuthorityServer(authority_file, "127.0.0.1", 0)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Reply(NamedTuple):
+    """One scripted answer; tests pass plain tuples ``(status, body[, delay])``."""
+
+    status: int = 200
+    body: bytes = b""
+    delay: float = 0.0  # seconds to stall before answering
+
+
+@dataclass
+class ScriptedServer:
+    """Answers request N with ``replies[N]`` (the last one repeats); records request bodies."""
+
+    replies: list[Reply]
+    requests: list[tuple[str, str, bytes]] = field(default_factory=list)
+    httpd: ThreadingHTTPServer | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def port(self) -> int:
+        assert self.httpd is not None
+        return int(self.httpd.server_address[1])
+
+
+@pytest.fixture
+def scripted_server() -> Iterator[Callable[..., ScriptedServer]]:
+    started: list[tuple[ScriptedServer, threading.Thread]] = []
+
+    def start(replies: list[tuple[int, bytes] | tuple[int, bytes, float]]) -> ScriptedServer:
+        script = ScriptedServer([Reply(*reply) for reply in replies])
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                script.requests.append((self.command, self.path, body))
+                reply = script.replies[min(len(script.requests), len(script.replies)) - 1]
+                if reply.delay:
+                    script.stopping.wait(reply.delay)
+                    if script.stopping.is_set():
+                        return
+                self.send_response(reply.status)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            do_GET = do_POST = _answer
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = True
+        script.httpd = httpd
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        started.append((script, thread))
+        return script
+
+    yield start
+    for script, thread in started:
+        script.stopping.set()
+        assert script.httpd is not None
+        script.httpd.shutdown()
+        script.httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def trickling_server() -> Iterator[int]:
+    """Sends valid headers, then one body byte every 0.1 s: only a whole-response deadline ends it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def run() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(0.1)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                    while not stop.is_set():
+                        conn.sendall(b"<")
+                        time.sleep(0.1)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+@pytest.fixture
+def stalled_port() -> Iterator[int]:
+    """A listening socket that accepts connections (kernel backlog) but never answers."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        listener.close()

@@ -1,0 +1,49 @@
+"""Shared fixtures, kept small and generic.
+
+* Tests marked ``root`` are skipped (with a reason) when not running as root, even if they forget
+  their own ``skipif``.
+* ``root_only``: a fixture that skips the test unless it runs as root.
+* ``home_root``: a root-owned 0755 directory for sliver homes, outside /tmp (pytest's temporary
+  directories are 0700 and /tmp is world-writable: sshd's StrictModes and the sliver accounts
+  need a path every account can traverse). Always removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+ROOT_REASON = "needs root (real accounts, processes, file ownership)"
+HOME_PARENT = Path("/var/tmp")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IS_ROOT:
+        return
+    skip = pytest.mark.skip(reason=ROOT_REASON)
+    for item in items:
+        if item.get_closest_marker("root") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def root_only() -> None:
+    if not IS_ROOT:
+        pytest.skip(ROOT_REASON)
+
+
+@pytest.fixture
+def home_root(root_only: None) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="nm-test-", dir=HOME_PARENT))
+    try:
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,255 @@
+"""Sync cycles end to end with a real SQLite store and the hollow backend.
+
+The authority is a FakeAuthority (documents set by the test); the authority client itself is
+tested over real HTTP in tests/authority.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from nodemanager.backends.hollow import HollowBackend
+from nodemanager.core.errors import AuthorityUnavailable, BackendError
+from nodemanager.core.records import DELEGATED, NOT_INSTANTIATED, SOURCE_TICKET, Phase
+from nodemanager.operations import SliverOperations
+from nodemanager.store import Store
+from nodemanager.sync import Syncer
+from nodemanager.testing.clock import ManualClock
+from nodemanager.testing.fakeauthority import FakeAuthority, make_sliver
+from nodemanager.workers import WorkerPool
+
+
+class FlakyBackend(HollowBackend):
+    """The hollow backend, made to fail ``create`` for the names in ``fail_create``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_create: set[str] = set()
+
+    def create(self, sliver):  # noqa: ANN001, ANN201
+        if sliver.name in self.fail_create:
+            raise BackendError(f"sliver {sliver.name}: useradd failed (injected)")
+        return super().create(sliver)
+
+
+class Node:
+    """A node manager assembled from real parts, with a fake authority and a manual clock."""
+
+    def __init__(self, data_dir: Path, *, confirm_after: int = 2) -> None:
+        self.clock = ManualClock()
+        self.authority = FakeAuthority()
+        self.backend = FlakyBackend()
+        self.store = Store(data_dir / "nodemanager.sqlite")
+        self.ops = SliverOperations(self.store, self.backend, self.clock, rng=lambda: 0.5)
+        self.pool = WorkerPool(4)
+        self.syncer = self._syncer(confirm_after)
+
+    def _syncer(self, confirm_after: int = 2) -> Syncer:
+        return Syncer(store=self.store, backend=self.backend, operations=self.ops, pool=self.pool,
+                      fetch=self.authority.fetch, clock=self.clock, confirm_after=confirm_after)
+
+    def sync(self, **kwargs):  # noqa: ANN003, ANN201
+        return self.syncer.run_once(wait=True, **kwargs)
+
+    def restart(self) -> None:
+        """A new process: the deletion gate closes again; store and machine stay."""
+        self.syncer = self._syncer(self.syncer.confirm_after)
+
+    def names(self) -> set[str]:
+        return set(self.backend.observe())
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.store.close()
+
+
+def mutating_calls(backend: HollowBackend) -> dict[str, int]:
+    """Backend calls that change the machine (observe and lookup only read)."""
+    return {k: v for k, v in backend.calls.items() if k not in ("observe", "lookup", "is_running") and v}
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    node = Node(tmp_path)
+    yield node
+    node.close()
+
+
+def test_full_sync_creates_auto_instantiated_slivers_only(node: Node) -> None:
+    node.authority.publish([
+        make_sliver("site_alpha"),
+        make_sliver("site_beta", instantiation="nm-controller"),
+        make_sliver("site_deleg", instantiation=DELEGATED, controller="site_beta"),
+        make_sliver("site_off", instantiation=NOT_INSTANTIATED),
+    ])
+    outcome = node.sync()
+    assert outcome.ok
+    assert node.names() == {"site_alpha", "site_beta"}
+    accounts = node.store.accounts()
+    assert accounts["site_alpha"].owned and accounts["site_alpha"].phase is Phase.RUNNING
+    assert set(node.store.slivers()) == {"site_alpha", "site_beta", "site_deleg", "site_off"}
+
+
+def test_noop_sync_makes_no_backend_calls_and_one_change_makes_one(node: Node) -> None:
+    node.authority.publish([make_sliver(f"site_s{i}") for i in range(20)])
+    node.sync()
+    node.backend.calls.clear()
+    node.authority.publish([make_sliver(f"site_s{i}") for i in range(20)])  # newer timestamp, same content
+    outcome = node.sync()
+    assert outcome.actions == [] and outcome.upserts == 0
+    assert mutating_calls(node.backend) == {}
+    changed = [make_sliver(f"site_s{i}") for i in range(20)]
+    changed[7] = make_sliver("site_s7", attributes=[("nm_cpu_share", "4")])
+    node.authority.publish(changed)
+    outcome = node.sync()
+    assert [(a.kind.value, a.name) for a in outcome.actions] == [("configure", "site_s7")]
+    assert mutating_calls(node.backend) == {"configure": 1}
+
+
+def test_removed_sliver_is_destroyed_and_forgotten(node: Node) -> None:
+    node.authority.publish([make_sliver(f"site_s{i}") for i in range(4)])
+    node.sync()
+    node.authority.publish([make_sliver(f"site_s{i}") for i in range(3)])
+    node.sync()
+    assert "site_s3" not in node.names()
+    assert "site_s3" not in node.store.slivers() and "site_s3" not in node.store.accounts()
+
+
+def test_safety_valve_holds_mass_removal_until_confirmed(node: Node) -> None:
+    node.authority.publish([make_sliver(f"site_s{i}") for i in range(10)])
+    node.sync()
+    node.authority.publish([make_sliver("site_s0")])  # a truncated document
+    first = node.sync()
+    assert first.valve_tripped and len(first.held) == 9
+    assert len(node.names()) == 10  # nothing removed
+    assert len(node.store.valve().held) == 9
+    node.authority.publish([make_sliver("site_s0")])  # the same removal seen again: confirmed
+    second = node.sync()
+    assert not second.valve_tripped
+    assert node.names() == {"site_s0"}
+
+
+def test_operator_can_allow_mass_removal(node: Node) -> None:
+    node.authority.publish([make_sliver(f"site_s{i}") for i in range(4)])
+    node.sync()
+    node.authority.publish([])
+    node.sync(allow_mass_delete=True)
+    assert node.names() == set()
+
+
+def test_timestamp_rule_keeps_newer_ticket_record(node: Node) -> None:
+    node.authority.publish([make_sliver("site_alpha")], timestamp=1_000)
+    node.sync()
+    newer = replace(make_sliver("site_deleg", instantiation=DELEGATED), source=SOURCE_TICKET, timestamp=5_000)
+    node.store.apply_records([newer], [], None)
+    stale = make_sliver("site_deleg", instantiation=DELEGATED, attributes=[("nm_cpu_share", "9")])
+    node.authority.publish([make_sliver("site_alpha"), stale], timestamp=2_000)
+    outcome = node.sync()
+    assert "site_deleg" in node.store.slivers()
+    assert node.store.sliver("site_deleg").attributes == ()  # the older document did not overwrite
+    assert outcome.ok
+    # a later document takes over
+    node.authority.publish([make_sliver("site_alpha"), stale], timestamp=6_000)
+    node.sync()
+    assert node.store.sliver("site_deleg").attributes == (("nm_cpu_share", "9"),)
+
+
+def test_older_document_is_ignored(node: Node) -> None:
+    node.authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")], timestamp=2_000)
+    node.sync()
+    node.authority.publish([make_sliver("site_alpha")], timestamp=1_500)
+    outcome = node.sync()
+    assert outcome.message == "stale document ignored"
+    assert node.names() == {"site_alpha", "site_beta"}
+
+
+def test_expired_sliver_is_destroyed(node: Node) -> None:
+    soon = int(node.clock.now()) + 100
+    node.authority.publish([make_sliver("site_alpha", expires=soon), make_sliver("site_beta")])
+    node.sync()
+    assert node.names() == {"site_alpha", "site_beta"}
+    node.clock.advance(200)
+    node.authority.error = AuthorityUnavailable("down")  # expiry applies even without a document
+    node.sync()
+    assert node.names() == {"site_beta"}
+    assert "site_alpha" not in node.store.slivers()
+
+
+def test_authority_down_after_restart_destroys_nothing(node: Node) -> None:
+    node.authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")])
+    node.sync()
+    node.store.apply_records([], ["site_beta"], None)  # e.g. records lost: an orphan account
+    node.restart()
+    node.authority.error = AuthorityUnavailable("connection refused")
+    outcome = node.sync()
+    assert not outcome.ok and "unavailable" in outcome.message
+    assert node.names() == {"site_alpha", "site_beta"}  # the orphan waits for a good document
+    node.authority.error = None
+    node.authority.publish([make_sliver("site_alpha")])
+    node.sync()
+    assert node.names() == {"site_alpha"}
+
+
+def test_restart_restarts_nothing(node: Node) -> None:
+    node.authority.publish([make_sliver("site_alpha")])
+    node.sync()
+    node.restart()
+    node.backend.calls.clear()
+    node.sync()
+    assert mutating_calls(node.backend) == {}
+
+
+def test_drift_repair_recreates_a_vanished_account(node: Node) -> None:
+    node.authority.publish([make_sliver("site_alpha")])
+    node.sync()
+    node.backend.destroy("site_alpha")  # someone removed it behind our back
+    outcome = node.sync()
+    assert [(a.kind.value, a.reason) for a in outcome.actions][0][0] == "create"
+    assert "site_alpha" in node.names()
+
+
+def test_foreign_account_is_never_touched(node: Node) -> None:
+    node.backend.create(make_sliver("site_alpha"))  # exists before the node manager knew it
+    foreign_uid = node.backend.observe()["site_alpha"].uid
+    node.backend.calls.clear()
+    node.authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")])
+    node.sync()
+    state = node.store.account("site_alpha")
+    assert state is not None and not state.owned and state.phase is Phase.FAILED
+    assert "not created by the node manager" in state.last_error
+    assert node.backend.observe()["site_alpha"].uid == foreign_uid
+    assert "site_beta" in node.names()
+    # removing it from the authority must not destroy the foreign account either
+    node.authority.publish([make_sliver("site_beta")])
+    node.clock.advance(10_000)
+    node.sync()
+    assert "site_alpha" in node.names()
+
+
+def test_failing_sliver_is_retried_with_backoff_and_others_proceed(node: Node) -> None:
+    node.backend.fail_create = {"site_bad"}
+    node.authority.publish([make_sliver("site_bad"), make_sliver("site_good")])
+    node.sync()
+    assert node.names() == {"site_good"}
+    state = node.store.account("site_bad")
+    assert state.phase is Phase.FAILED and state.failures == 1 and state.retry_at > node.clock.now()
+    node.backend.fail_create = set()
+    outcome = node.sync()  # still inside the backoff window: not retried yet
+    assert outcome.actions == []
+    node.clock.advance(3600)
+    node.sync()
+    assert node.names() == {"site_bad", "site_good"}
+    assert node.store.account("site_bad").failures == 0
+
+
+def test_rejected_entry_does_not_delete_existing_sliver(node: Node) -> None:
+    node.authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")])
+    node.sync()
+    node.authority.publish([make_sliver("site_alpha")])
+    node.authority.protected = frozenset({"site_beta"})  # its new entry was invalid
+    node.sync()
+    assert node.names() == {"site_alpha", "site_beta"}
