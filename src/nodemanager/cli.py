@@ -103,7 +103,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"{exc}; use `nodemanager sync` (without --once) to ask it to poll now", file=sys.stderr)
         return 1
     try:
-        outcome = manager.sync_once(allow_mass_delete=args.allow_mass_delete, wait=True)
+        outcome = manager.sync_once(allow_mass_delete=args.allow_mass_delete, wait=True, retry_now=True)
     finally:
         manager.close()
     print(outcome.summary())

@@ -155,9 +155,12 @@ class NodeManager:
         raw = self.store.get_meta(META_BWCAP, "")
         self._cap = int(raw) if raw.isdigit() else None
 
-    def sync_once(self, *, allow_mass_delete: bool = False, wait: bool = True) -> SyncOutcome:
+    def sync_once(
+        self, *, allow_mass_delete: bool = False, wait: bool = True, retry_now: bool = False
+    ) -> SyncOutcome:
         outcome = self.syncer.run_once(
-            allow_mass_delete=allow_mass_delete, wait=wait, before_submit=self._read_cap
+            allow_mass_delete=allow_mass_delete, wait=wait, before_submit=self._read_cap,
+            retry_now=retry_now,
         )
         if outcome.ok and self.syncer.authority_seen:
             self.store.set_meta({META_ADOPT: ""})

@@ -121,7 +121,7 @@ class Syncer:
         """The actions a cycle would hand to the workers now."""
         return self._plan(records)[0]
 
-    def _plan(self, records: dict[str, Sliver] | None) -> tuple[list[Action], set[str]]:
+    def _plan(self, records: dict[str, Sliver] | None, *, retry_now: bool = False) -> tuple[list[Action], set[str]]:
         accounts = self.store.accounts()
         observed = self.backend.observe()
         actions = plan_actions(
@@ -130,6 +130,7 @@ class Syncer:
             observed,
             self.clock.now(),
             may_destroy_orphans=self.authority_seen,
+            honour_backoff=not retry_now,
         )
         fresh = {
             a.name for a in actions
@@ -158,11 +159,14 @@ class Syncer:
         allow_mass_delete: bool = False,
         wait: bool = False,
         before_submit: Callable[[], None] | None = None,
+        retry_now: bool = False,
     ) -> SyncOutcome:
         """Fetch, merge, persist, plan and submit. With ``wait``, return after the work is done.
 
         ``before_submit`` runs after the document is persisted and before any work is handed out
-        (the daemon refreshes what it caches from the document there, e.g. the node's cap)."""
+        (the daemon refreshes what it caches from the document there, e.g. the node's cap).
+        ``retry_now`` retries failed slivers without waiting for their backoff (an operator's
+        explicit ``sync --once``)."""
         started = time.monotonic()
         operator_allowed = self.store.get_meta(META_ALLOW_MASS_DELETE) == "1"
         allow_mass_delete = allow_mass_delete or operator_allowed
@@ -195,7 +199,7 @@ class Syncer:
         try:
             if before_submit is not None:
                 before_submit()
-            outcome.actions, fresh = self._plan(records)
+            outcome.actions, fresh = self._plan(records, retry_now=retry_now)
             if fresh:
                 # Record ownership intent for every new account in one durable transaction
                 # before any useradd runs (the per-sliver path would cost one fsync each).

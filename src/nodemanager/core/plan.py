@@ -76,10 +76,12 @@ def plan_actions(
     now: float,
     *,
     may_destroy_orphans: bool,
+    honour_backoff: bool = True,
 ) -> list[Action]:
     """The ordered actions that make the machine match ``records``.
 
-    Rules, per name (a name whose account state has ``retry_at > now`` is skipped: backoff):
+    Rules, per name (a name whose account state has ``retry_at > now`` is skipped: backoff, unless
+    ``honour_backoff`` is False, as for an operator's explicit ``sync --once``):
     - record expired (``expires <= now``) -> DESTROY "expired", whether or not an account exists;
     - wanted = auto-instantiated, or ``create_requested`` in its account state;
     - not wanted and owned -> DESTROY "no longer instantiated";
@@ -99,7 +101,7 @@ def plan_actions(
     append = actions.append
     for name, record in records.items():
         state = accounts.get(name)
-        if state is not None and state.retry_at > now:
+        if honour_backoff and state is not None and state.retry_at > now:
             continue
         if record.expires <= now:
             append(Action(ActionKind.DESTROY, name, record, REASON_EXPIRED))
@@ -125,7 +127,7 @@ def plan_actions(
             append(Action(ActionKind.CONFIGURE, name, record, REASON_CHANGED))
     if may_destroy_orphans:
         for name, state in accounts.items():
-            if state.owned and name not in records and not state.retry_at > now:
+            if state.owned and name not in records and not (honour_backoff and state.retry_at > now):
                 append(Action(ActionKind.DESTROY, name, None, REASON_REMOVED))
     actions.sort(key=lambda action: (_KIND_ORDER[action.kind], action.name))
     return actions
