@@ -35,7 +35,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,6 +372,48 @@ class Host:
             else:
                 os.unlink(path.name, dir_fd=dfd)
 
+    def write_text(self, path: Path, text: str) -> None:
+        """Write ``text`` to the existing file ``path`` in place: no temporary file, no creation,
+        no truncation. For kernel interface files (cgroupfs, /proc, /sys) where a write is a
+        command and the file cannot be replaced. The kernel's refusal (EINVAL, EBUSY...) becomes
+        a ``BackendError``."""
+        path = Path(path)
+        with self._parent_of(path, "write") as dfd:
+            if dfd is None:
+                raise FileNotFoundError(errno.ENOENT, "no such directory")
+            fd = os.open(path.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+
+    def remove_dir(self, path: Path) -> None:
+        """``rmdir`` of ``path`` (an empty directory, or a cgroup whose files the kernel owns).
+        Missing is success; a non-empty or busy directory raises ``BackendError``."""
+        path = Path(path)
+        with self._parent_of(path, "remove directory") as dfd:
+            if dfd is not None:
+                with suppress(FileNotFoundError):
+                    os.rmdir(path.name, dir_fd=dfd)
+
+    def list_dirs(self, directory: Path) -> list[str]:
+        """Names of the subdirectories of ``directory`` (links are not followed), sorted; a
+        missing directory has none."""
+        directory = Path(directory)
+        try:
+            dfd = self._open_dir(directory)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise BackendError(f"cannot list {directory}: {_describe(exc)}") from exc
+        try:
+            with os.scandir(dfd) as entries:
+                return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError as exc:
+            raise BackendError(f"cannot list {directory}: {_describe(exc)}") from exc
+        finally:
+            os.close(dfd)
+
     def list_executables(self, directory: Path) -> list[str]:
         """Names of the regular files in ``directory`` with an execute bit, sorted; links and
         subdirectories are ignored. A missing directory has none."""
@@ -417,6 +459,38 @@ class Host:
                 if state not in ("Z", "X") and str(uid) in uids:
                     found.append(int(entry.name))
         return sorted(found)
+
+    def pids_by_uid(self, uids: Collection[int]) -> dict[int, list[int]]:
+        """Like :meth:`pids_of_uid` for several uids in ONE pass over ``/proc``: uid -> sorted
+        pids (every uid of ``uids`` is a key). A process whose real and effective uids are two
+        of ``uids`` is listed under its real uid."""
+        wanted = {str(uid): uid for uid in uids}
+        found: dict[int, list[int]] = {uid: [] for uid in uids}
+        own = os.getpid()
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                if not entry.name.isdigit() or int(entry.name) == own:
+                    continue
+                try:
+                    with open(f"/proc/{entry.name}/status", "rb") as status:
+                        text = status.read().decode("ascii", "replace")
+                except OSError:
+                    continue
+                state, ids = "", []
+                for line in text.splitlines():
+                    if line.startswith("State:"):
+                        state = line.split()[1] if len(line.split()) > 1 else ""
+                    elif line.startswith("Uid:"):
+                        ids = line.split()[1:3]
+                        break
+                if state in ("Z", "X"):
+                    continue
+                owner = next((wanted[i] for i in ids if i in wanted), None)
+                if owner is not None:
+                    found[owner].append(int(entry.name))
+        for pids in found.values():
+            pids.sort()
+        return found
 
     def kill(self, pid: int, sig: int) -> None:
         """Send ``sig`` to ``pid``; a process that is already gone is success."""
@@ -474,9 +548,15 @@ class Host:
         home: Path,
         env: Mapping[str, str],
         log_path: Path,
+        cgroups: Sequence[Path] = (),
     ) -> None:
         """Start ``argv`` as ``uid:gid`` (with that user's supplementary groups) in a new session,
         in ``home``, stdin from /dev/null, stdout and stderr appended to ``log_path``.
+
+        With ``cgroups`` (cgroup directories), the child joins each of them (writes ``0`` to its
+        ``cgroup.procs``) while still root, before dropping privileges and before exec, so
+        nothing it forks can escape the sliver's limits. A cgroup that refuses the process
+        fails the start (the child exits before exec; reported as setsid's failure).
 
         Returns once the program is forked, not when it ends. Failure to exec the program itself
         is reported by ``setsid`` into the log (it happens after the fork)."""
@@ -489,6 +569,9 @@ class Host:
             log_fd = self._open_log(Path(log_path), uid, gid)
         except OSError as exc:
             raise BackendError(f"cannot open log {log_path}: {_describe(exc)}") from exc
+        # Popen drops privileges BEFORE preexec_fn runs, and a process that is no longer root
+        # cannot join a root-owned cgroup: with cgroups, join first, then drop privileges there.
+        join = _join_then_drop(list(cgroups), uid, gid, groups) if cgroups else None
         try:
             child = subprocess.Popen(
                 [setsid, "--fork", "--", *[str(a) for a in argv]],
@@ -497,11 +580,12 @@ class Host:
                 stderr=log_fd,
                 cwd=str(home),
                 env=dict(env),
-                user=uid,
-                group=gid,
-                extra_groups=groups,
                 umask=0o022,
                 start_new_session=True,
+                user=None if join else uid,
+                group=None if join else gid,
+                extra_groups=None if join else groups,
+                preexec_fn=join,
             )
             try:
                 returncode = child.wait(timeout=30)
@@ -522,3 +606,24 @@ class Host:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+
+def _join_then_drop(cgroups: list[Path], uid: int, gid: int, groups: list[int]) -> Callable[[], None]:
+    """The ``preexec_fn`` of a start into cgroups: runs in the forked child, as root.
+
+    Uses only plain system calls (no locks, no logging): the daemon has threads, and the child
+    of a fork must not touch a lock another thread may have held."""
+    procs = [os.fsencode(os.path.join(str(path), "cgroup.procs")) for path in cgroups]
+
+    def join() -> None:
+        for name in procs:
+            fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        os.setgroups(groups)
+        os.setregid(gid, gid)
+        os.setreuid(uid, uid)
+
+    return join

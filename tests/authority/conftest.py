@@ -5,7 +5,10 @@ Every server binds 127.0.0.1 port 0 and is stopped (and its thread joined) at te
 
 from __future__ import annotations
 
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -97,11 +100,34 @@ class ScriptedServer:
         return int(self.httpd.server_address[1])
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # e.g. a TLS handshake the client refused: expected in tests
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for 127.0.0.1 (needs the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return cert, key
+
+
 @pytest.fixture
 def scripted_server() -> Iterator[Callable[..., ScriptedServer]]:
     started: list[tuple[ScriptedServer, threading.Thread]] = []
 
-    def start(replies: list[tuple[int, bytes] | tuple[int, bytes, float]]) -> ScriptedServer:
+    def start(
+        replies: list[tuple[int, bytes] | tuple[int, bytes, float]], tls: tuple[Path, Path] | None = None
+    ) -> ScriptedServer:
+        """``tls``: (certificate, key) PEM files to serve HTTPS instead of HTTP."""
         script = ScriptedServer([Reply(*reply) for reply in replies])
 
         class Handler(BaseHTTPRequestHandler):
@@ -124,8 +150,12 @@ def scripted_server() -> Iterator[Callable[..., ScriptedServer]]:
 
             do_GET = do_POST = _answer
 
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd = _QuietServer(("127.0.0.1", 0), Handler)
         httpd.daemon_threads = True
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
         script.httpd = httpd
         thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()

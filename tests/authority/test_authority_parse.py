@@ -7,6 +7,8 @@ import xmlrpc.client
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nodemanager.authority.parse import (
     load_document,
@@ -224,6 +226,7 @@ def test_unhashable_name_does_not_break_duplicate_detection() -> None:
         (lambda d: d.update(slivers={"site_alpha": {}}), "slivers"),
         (lambda d: d.update(slivers=None), "slivers"),
         (lambda d: d.update(hostname=5), "hostname"),
+        (lambda d: d.update(hostname="evil\nlog line"), "hostname"),
         (lambda d: d.update(bwcap="100"), "bwcap"),
         (lambda d: d.update(bwcap=0), "bwcap"),
     ],
@@ -274,3 +277,22 @@ def test_loads_then_parse_matches_the_xmlrpc_path_of_load_document() -> None:
     body = xmlrpc.client.dumps((plcapi_answer(),), methodresponse=True, allow_none=True).encode()
     direct = parse_getslivers(loads_xmlrpc_response(body, 1 << 20), expected_node_id=42)
     assert direct == load_document("http://plc/PLCAPI/", body, expected_node_id=42, max_bytes=1 << 20)[0]
+
+
+_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
+    | st.sampled_from(["site_alpha", "plc-instantiated", "ssh", KEY_A, "tagname", "key", "name"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["name", "slice_id", "instantiation", "expires", "keys", "attributes", "key_type",
+                         "key", "tagname", "value", "x"]), children, max_size=6),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ANY, max_size=6))
+def test_arbitrary_entries_never_crash_the_validation(entries: list[Any]) -> None:
+    data = {"timestamp": 5, "slivers": entries}
+    document, protected = parse_getslivers_with_protection(data, expected_node_id=None)
+    assert len(document.slivers) + len(document.rejected) == len(entries)
+    assert protected <= {e.get("name") for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)}

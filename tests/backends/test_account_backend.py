@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from nodemanager.backends import delegate as delegate_module
 from nodemanager.backends.account import KILL_ROUNDS, MANAGED_GECOS, AccountBackend
 from nodemanager.config import parse_config
 from nodemanager.core.errors import AccountConflict, BackendError, InvalidName
-from nodemanager.core.records import PLC_INSTANTIATED, Sliver
-from nodemanager.testing.fakehost import FakeHost
+from nodemanager.core.records import NM_CONTROLLER, PLC_INSTANTIATED, Sliver
+from nodemanager.host import PasswdEntry
+from nodemanager.testing.fakehost import FakeFile, FakeHost
 
 HOME_ROOT = Path("/srv/homes")
 KEYS = ("ssh-ed25519 AAAA one@x", "ssh-rsa BBBB two@x")
@@ -328,3 +330,173 @@ def test_events_are_logged_with_the_sliver_field(backend: AccountBackend, caplog
         backend.destroy("pl_test")
     assert [r.getMessage().split()[:2] for r in caplog.records] == [
         ["sliver=pl_test", "event=created"], ["sliver=pl_test", "event=destroyed"]]
+
+
+# --- delegate (nm-controller) accounts ---------------------------------------------------------
+
+SHELLS = Path("/etc/shells-test")
+WRAPPER = Path("/run/nm-test/delegate-shell")
+FORWARD = ["/opt/nm venv/bin/forward_api_calls"]
+
+
+class ShellAwareFakeHost(FakeHost):
+    """FakeHost whose ``usermod --shell`` changes the passwd entry (FakeHost only models the
+    password and expiry options of usermod)."""
+
+    def _effect(self, args: list[str]) -> tuple[int, str]:
+        if args[0] == "usermod" and "--shell" in args and args[-1] in self.users:
+            entry = self.users[args[-1]]
+            self.users[args[-1]] = PasswdEntry(entry.name, entry.uid, entry.gid, entry.gecos, entry.home,
+                                               args[args.index("--shell") + 1])
+        return super()._effect(args)
+
+
+@pytest.fixture
+def dhost() -> ShellAwareFakeHost:
+    host = ShellAwareFakeHost()
+    host.files[SHELLS] = FakeFile(b"# /etc/shells: valid login shells\n/bin/sh\n/bin/bash\n", 0, 0, 0o644)
+    return host
+
+
+@pytest.fixture
+def dbackend(dhost: ShellAwareFakeHost) -> AccountBackend:
+    return AccountBackend(dhost, home_root=HOME_ROOT, shell="/bin/bash", name_prefix="nm", delegate_shell=WRAPPER,
+                          delegate_socket="/run/nm-test/api.sock", forward_command=FORWARD, shells_file=SHELLS)
+
+
+def controller(name: str = "pl_ctl", **changes: object) -> Sliver:
+    return make_sliver(name, instantiation=NM_CONTROLLER, **changes)
+
+
+def shells_of(host: FakeHost) -> list[str]:
+    return host.files[SHELLS].data.decode().splitlines()
+
+
+def test_from_config_puts_the_wrapper_next_to_the_socket(host: FakeHost) -> None:
+    config = parse_config({"api": {"unix_socket": "/srv/nm/api.sock"},
+                           "slivers": {"delegate_shell": "/usr/local/bin/forward_api_calls"}})
+    backend = AccountBackend.from_config(config, host)
+    assert backend.delegate_shell == Path("/srv/nm/delegate-shell")
+    assert backend.delegate is not None and backend.delegate.socket_path == "/srv/nm/api.sock"
+    assert backend.delegate.forward_command == ["/usr/local/bin/forward_api_calls"]
+    assert AccountBackend.from_config(parse_config({"api": {"unix_socket": ""}}), host).delegate_shell is None
+
+
+def test_wrapper_text_quotes_and_passes_arguments_through() -> None:
+    text = delegate_module.wrapper_text(FORWARD, "/run/a b/api.sock").decode()
+    assert text.startswith("#!/bin/sh\n")
+    assert text.splitlines()[-1] == "exec '/opt/nm venv/bin/forward_api_calls' --socket '/run/a b/api.sock' \"$@\""
+
+
+def test_default_forward_command_prefers_the_configured_program() -> None:
+    assert delegate_module.default_forward_command("/usr/local/bin/fwd") == ["/usr/local/bin/fwd"]
+    default = delegate_module.default_forward_command()
+    assert default[0].endswith("forward_api_calls") or default[1:] == ["-m", "nodemanager.api.forward"]
+
+
+def test_register_and_unregister_keep_other_lines_owner_and_mode(dhost: ShellAwareFakeHost) -> None:
+    dhost.files[SHELLS] = FakeFile(b"/bin/sh\n/bin/bash", 0, 5, 0o640)
+    assert delegate_module.register_shell(WRAPPER, host=dhost, shells_file=SHELLS) is True
+    assert delegate_module.register_shell(WRAPPER, host=dhost, shells_file=SHELLS) is False
+    assert shells_of(dhost) == ["/bin/sh", "/bin/bash", str(WRAPPER)]
+    assert (dhost.files[SHELLS].gid, dhost.files[SHELLS].mode) == (5, 0o640)
+    assert delegate_module.unregister_shell(WRAPPER, host=dhost, shells_file=SHELLS) is True
+    assert delegate_module.unregister_shell(WRAPPER, host=dhost, shells_file=SHELLS) is False
+    assert shells_of(dhost) == ["/bin/sh", "/bin/bash"]
+
+
+def test_controller_gets_wrapper_shell_hushlogin_and_restricted_keys(dbackend: AccountBackend,
+                                                                      dhost: ShellAwareFakeHost) -> None:
+    uid = dbackend.create(controller())
+    [argv] = dhost.commands_named("useradd")
+    assert argv[argv.index("--shell") + 1] == str(WRAPPER)
+    wrapper = dhost.files[WRAPPER]
+    assert (wrapper.uid, wrapper.gid, wrapper.mode) == (0, 0, 0o755)
+    assert b"--socket /run/nm-test/api.sock \"$@\"" in wrapper.data
+    assert shells_of(dhost)[-1] == str(WRAPPER)
+    dbackend.configure(controller(), {})
+    home = HOME_ROOT / "nmpl_ctl"
+    hush = dhost.files[home / ".hushlogin"]
+    assert (hush.data, hush.uid, hush.gid, hush.mode) == (b"", 0, 0, 0o644)
+    keys = dhost.files[home / ".ssh" / "authorized_keys"]
+    assert keys.data == b"restrict ssh-ed25519 AAAA one@x\nrestrict ssh-rsa BBBB two@x\n" and keys.uid == uid
+    assert dhost.commands_named("usermod") == []  # the shell was right from the start
+
+
+def test_key_options_are_kept_after_restrict(dbackend: AccountBackend, dhost: ShellAwareFakeHost) -> None:
+    sliver = controller(keys=('from="10.0.0.0/8" ssh-ed25519 AAAA opt@x',))
+    dbackend.create(sliver)
+    dbackend.configure(sliver, {})
+    data = dhost.files[HOME_ROOT / "nmpl_ctl" / ".ssh" / "authorized_keys"].data
+    assert data == b'restrict,from="10.0.0.0/8" ssh-ed25519 AAAA opt@x\n'
+
+
+def test_configure_corrects_a_drifted_shell_and_is_then_idempotent(dbackend: AccountBackend,
+                                                                    dhost: ShellAwareFakeHost) -> None:
+    dbackend.create(controller())
+    entry = dhost.users["nmpl_ctl"]
+    dhost.users["nmpl_ctl"] = PasswdEntry(entry.name, entry.uid, entry.gid, entry.gecos, entry.home, "/bin/bash")
+    dbackend.configure(controller(), {})
+    assert dhost.commands_named("usermod") == [["usermod", "--shell", str(WRAPPER), "nmpl_ctl"]]
+    assert dhost.users["nmpl_ctl"].shell == str(WRAPPER)
+    dhost.calls.clear()
+    dhost.commands.clear()
+    dbackend.configure(controller(), {})
+    assert dhost.commands == [] and dhost.method_calls("atomic_write") == []
+
+
+def test_a_controller_that_stops_being_one_gets_the_ordinary_shell_back(dbackend: AccountBackend,
+                                                                        dhost: ShellAwareFakeHost) -> None:
+    dbackend.create(controller())
+    dbackend.configure(controller(), {})
+    dbackend.configure(make_sliver("pl_ctl"), {})
+    assert dhost.users["nmpl_ctl"].shell == "/bin/bash"
+    assert HOME_ROOT / "nmpl_ctl" / ".hushlogin" not in dhost.files
+    assert str(WRAPPER) not in shells_of(dhost)
+    assert dhost.files[HOME_ROOT / "nmpl_ctl" / ".ssh" / "authorized_keys"].data.startswith(b"ssh-ed25519")
+
+
+def test_the_shell_is_unregistered_when_the_last_controller_goes(dbackend: AccountBackend,
+                                                                 dhost: ShellAwareFakeHost) -> None:
+    for name in ("pl_ctl", "pl_ctl2"):
+        dbackend.create(controller(name))
+        dbackend.configure(controller(name), {})
+    assert shells_of(dhost).count(str(WRAPPER)) == 1
+    dbackend.destroy("pl_ctl")
+    assert str(WRAPPER) in shells_of(dhost)
+    dbackend.destroy("pl_ctl2")
+    assert str(WRAPPER) not in shells_of(dhost)
+    assert shells_of(dhost) == ["# /etc/shells: valid login shells", "/bin/sh", "/bin/bash"]
+
+
+def test_unusable_forward_program_is_logged_once(dbackend: AccountBackend, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        dbackend.create(controller("pl_ctl"))
+        dbackend.create(controller("pl_ctl2"))
+    problems = [r for r in caplog.records if "delegate-shell-unusable" in r.getMessage()]
+    assert problems and all("forward_api_calls" in r.getMessage() or "delegate-shell" in r.getMessage()
+                            for r in problems)
+    assert len({r.getMessage() for r in problems}) == len(problems)  # each problem once, not per account
+
+
+def test_without_a_delegate_shell_controllers_are_ordinary_accounts(backend: AccountBackend, host: FakeHost,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        backend.create(controller("pl_ctl"))
+        backend.configure(controller("pl_ctl"), {})
+        backend.create(controller("pl_ctl2"))
+    [argv, _] = host.commands_named("useradd")
+    assert argv[argv.index("--shell") + 1] == "/bin/bash"
+    assert HOME_ROOT / "nmpl_ctl" / ".hushlogin" not in host.files
+    assert len([r for r in caplog.records if "no-delegate-shell" in r.getMessage()]) == 1
+
+
+def test_unprivileged_access_problems_find_private_directories(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    program = private / "forward_api_calls"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    problems = delegate_module.unprivileged_access_problems([str(program)])
+    assert any(str(private) in problem and "not searchable" in problem for problem in problems)
+    assert delegate_module.unprivileged_access_problems(["/bin/sh"]) == []

@@ -163,7 +163,7 @@ class AuthorityClient:
                 delay = backoff_delay(number, self.backoff_base, self._rng)
                 log.warning("authority fetch failed url=%s attempt=%d retry_in=%.1fs error=%s", self.url, number + 1, delay, exc)
                 self._sleep(delay)
-        raise AuthorityUnavailable(f"{self.url}: unavailable after {self.retries + 1} attempt(s): {last}") from last
+        raise AuthorityUnavailable(f"authority unavailable after {self.retries + 1} attempt(s): {last}") from last
 
     def _read_file(self) -> bytes:
         path = Path(url2pathname(urlsplit(self.url).path))
@@ -191,6 +191,7 @@ class AuthorityClient:
         headers = {"User-Agent": USER_AGENT}
         if payload is not None:
             headers["Content-Type"] = "text/xml"
+        response: http.client.HTTPResponse | None = None
         try:
             connection.connect()
             sock: Any = connection.sock
@@ -201,14 +202,18 @@ class AuthorityClient:
             if response.status != 200:
                 raise AuthorityUnavailable(f"{url}: HTTP {response.status} {response.reason}")
             length = response.getheader("Content-Length")
-            if length and length.strip().isdigit() and int(length) > self.max_bytes:
+            if length and length.strip().isascii() and length.strip().isdigit() and int(length) > self.max_bytes:
                 raise DocumentRejected(f"{url}: the answer is {int(length)} bytes, over the {self.max_bytes}-byte cap")
             return self._read_capped(response, sock, deadline, url)
         except ssl.SSLCertVerificationError as exc:
             raise AuthorityUnavailable(f"{url}: TLS certificate verification failed: {exc.verify_message}") from exc
+        except TimeoutError as exc:
+            raise _TransientError(f"{url}: no complete answer within {self.timeout:g} s") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise _TransientError(f"{url}: {type(exc).__name__}: {exc}") from exc
         finally:
+            if response is not None:
+                response.close()
             connection.close()
 
     def _read_capped(self, response: http.client.HTTPResponse, sock: Any, deadline: float, url: str) -> bytes:
@@ -217,10 +222,10 @@ class AuthorityClient:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _TransientError(f"{url}: the answer took longer than {self.timeout:g} s")
+                raise _TransientError(f"{url}: no complete answer within {self.timeout:g} s")
             if sock.fileno() >= 0:  # http.client closes the socket once the body is complete
                 sock.settimeout(remaining)
-            chunk = response.read(_CHUNK)
+            chunk = response.read1(_CHUNK)
             if not chunk:
                 return b"".join(chunks)
             total += len(chunk)

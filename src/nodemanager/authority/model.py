@@ -21,6 +21,7 @@ The file (see ``examples/demo-slices.toml``)::
     keys = ["ssh-ed25519 AAAA... alice@example.org"]   # OpenSSH public key lines
     initscript = "echo hello"    # optional: the script text (sent as the initscript_code tag)
     controller = "site_ctrl"     # delegated slices only: an nm-controller slice of this file
+    description = "..."          # optional, informational (not sent to nodes)
     [slices.attributes]          # slice tags, in order; a list repeats the tag (vsys = ["a", "b"])
     nm_cpu_share = 2             # ints become strings, as PLC sends them
 

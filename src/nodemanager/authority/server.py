@@ -15,7 +15,7 @@ signature changes, so an edit is visible at every node's next poll. With ``times
 least one on every reload so that two edits within a second still produce a newer document. An
 edit that does not validate is logged and the last good data keeps being served.
 
-Requests bodies are capped at 1 MiB and parsed with the hardened parser of :mod:`.parse`. The
+Request bodies are capped at 1 MiB and parsed with the hardened parser of :mod:`.parse`. The
 server is ``http.server.ThreadingHTTPServer`` (a thread per connection): fine for a demo or a small
 site, not meant to face the Internet without a TLS-terminating proxy in front.
 """
@@ -142,7 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_text(404, "not found: XML-RPC is served at /PLCAPI/")
             return
         length_header = self.headers.get("Content-Length", "")
-        if not length_header.strip().isdigit():
+        if not (length_header.strip().isascii() and length_header.strip().isdigit()):
             self.close_connection = True
             self._send_text(411, "a Content-Length is required")
             return

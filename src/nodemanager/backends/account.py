@@ -11,6 +11,15 @@ logins to ``!`` accounts, useradd's default). A disabled sliver (``nm_enabled = 
 and an expiry in 1970, which stops key logins under both ``UsePAM no`` and ``UsePAM yes``, an empty
 ``authorized_keys``, and no processes.
 
+Delegate accounts: with a delegate shell configured (:mod:`.delegate`), an ``nm-controller``
+sliver's login shell is the generated wrapper running ``forward_api_calls`` (set by ``create``,
+corrected by ``configure``; a sliver that stops being a controller gets ``shell`` back), its keys
+get the ``restrict`` option (no port forwarding, agent, X11, pty or ``~/.ssh/rc``: the account
+speaks XML-RPC and nothing else), and ``~/.hushlogin`` exists, owned by root, so PAM prints no
+message of the day into the XML-RPC answer. The shell is unregistered from ``/etc/shells`` when no
+passwd entry uses it any more. Without a delegate shell, controllers are ordinary accounts (a
+warning says so once).
+
 Ownership: the backend never decides whether an account is the node manager's; the store does.
 ``create`` refuses any existing account or group of that name (``AccountConflict``), so a
 pre-existing user is never adopted, and ``destroy`` is only called for accounts the store records
@@ -28,8 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import AccountConflict, BackendError
-from ..core.records import ObservedAccount, Sliver, is_valid_name, validate_name
+from ..core.records import NM_CONTROLLER, ObservedAccount, Sliver, is_valid_name, validate_name
 from ..host import CommandResult, Host, PasswdEntry
+from .delegate import SHELLS_FILE, DelegateShell, default_forward_command, wrapper_path_for
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -49,6 +59,9 @@ GRACE_POLL = 0.1
 #: userdel exit statuses that still mean "the account is gone".
 _USERDEL_GONE = {0: "removed", 6: "already absent", 12: "removed, home left behind"}
 _USERDEL_BUSY = 8
+HUSHLOGIN = ".hushlogin"
+#: Key types an ``authorized_keys`` line may start with (otherwise it starts with options).
+_KEY_TYPE_PREFIXES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
 
 
 class AccountBackend:
@@ -62,7 +75,15 @@ class AccountBackend:
         shell: str,
         name_prefix: str = "",
         stop_grace: float = 10.0,
+        delegate_shell: Path | None = None,
+        delegate_socket: str | None = None,
+        forward_command: Sequence[str] | None = None,
+        shells_file: Path = SHELLS_FILE,
     ) -> None:
+        """``delegate_shell`` is where the wrapper for ``nm-controller`` accounts goes (None: no
+        delegate accounts); ``delegate_socket`` the API socket it forwards to (default: ``api.sock``
+        beside the wrapper); ``forward_command`` the forward_api_calls argv (default:
+        :func:`~.delegate.default_forward_command`)."""
         self.host = host
         self.home_root = Path(home_root)
         self.shell = shell
@@ -71,12 +92,25 @@ class AccountBackend:
         # The shadow tools serialise on the passwd lock with a timeout ("cannot lock /etc/passwd;
         # try again later"); queueing here keeps a burst of workers clear of that timeout.
         self._database_lock = threading.Lock()
+        self.delegate_shell = Path(delegate_shell) if delegate_shell is not None else None
+        self.delegate: DelegateShell | None = None
+        if self.delegate_shell is not None:
+            self.delegate = DelegateShell(
+                self.delegate_shell,
+                socket_path=delegate_socket or str(self.delegate_shell.parent / "api.sock"),
+                forward_command=list(forward_command) if forward_command else default_forward_command(),
+                shells_file=shells_file,
+            )
+        self._warned_no_delegate = False
 
     @classmethod
     def from_config(cls, config: Config, host: Host) -> AccountBackend:
+        """Delegate accounts need the Unix socket: without ``api.unix_socket`` there are none."""
         s = config.slivers
+        socket = config.api.unix_socket
         return cls(host, home_root=Path(s.home_root), shell=s.shell, name_prefix=s.name_prefix,
-                   stop_grace=float(s.stop_grace))
+                   stop_grace=float(s.stop_grace), delegate_shell=wrapper_path_for(socket),
+                   delegate_socket=socket or None, forward_command=default_forward_command(s.delegate_shell))
 
     # --- naming ---------------------------------------------------------------------------
     def account_name(self, name: str) -> str:
@@ -121,10 +155,13 @@ class AccountBackend:
                     "node manager; it is left untouched"
                 )
             home_existed = self._check_home_free(name, home)
+            shell = self._login_shell(sliver)
+            if self.delegate is not None and shell == str(self.delegate.path):
+                self.delegate.install(self.host)
             try:
                 self._account_command([
                     "useradd", "--user-group", "--no-create-home", "--home-dir", str(home),
-                    "--comment", MANAGED_GECOS, "--shell", self.shell, "--password", OPEN_PASSWORD,
+                    "--comment", MANAGED_GECOS, "--shell", shell, "--password", OPEN_PASSWORD,
                     "--key", "SUB_UID_COUNT=0", "--key", "SUB_GID_COUNT=0", account,
                 ])
                 entry = self.host.getpwnam(account)
@@ -147,7 +184,8 @@ class AccountBackend:
             uid, gid = entry.uid, entry.gid
             self.host.makedirs_owned(home, uid, gid, 0o700)
             self.host.makedirs_owned(home / ".ssh", uid, gid, 0o700)
-            keys = _keys_content(name, sliver.keys) if enabled else b""
+            delegated = self._is_delegate(sliver)
+            keys = _keys_content(name, sliver.keys, restrict=delegated) if enabled else b""
             wrote = self._ensure_file(home / ".ssh" / "authorized_keys", keys, uid, gid, 0o600)
             nm_dir = home / ".nodemanager"
             self.host.makedirs_owned(nm_dir / "start.d", uid, gid, 0o700)
@@ -157,6 +195,7 @@ class AccountBackend:
             else:
                 self.host.remove_file(nm_dir / "initscript")
             self._ensure_enabled(name, entry.name, enabled)
+            self._ensure_login_shell(sliver, entry, delegated)
             if not enabled:
                 self._stop(name, uid)
         logger.info("sliver=%s event=configured enabled=%d keys=%d wrote=%d",
@@ -223,6 +262,8 @@ class AccountBackend:
             group = self.host.getgrnam(account)
             if group is not None and group.gid == entry.gid:
                 self._account_command(["groupdel", account])
+            if self.delegate is not None and entry.shell == str(self.delegate.path):
+                self.delegate.release_if_unused(self.host)
         logger.info("sliver=%s event=destroyed account=%s uid=%d", name, account, entry.uid)
 
     def is_running(self, name: str) -> bool:
@@ -232,6 +273,45 @@ class AccountBackend:
                 return False
             self._refuse_root(name, entry)
             return bool(self.host.pids_of_uid(entry.uid))
+
+    # --- delegate accounts -----------------------------------------------------------------
+    def _is_delegate(self, sliver: Sliver) -> bool:
+        """True when ``sliver``'s account is a delegate account (controller + a delegate shell)."""
+        if sliver.instantiation != NM_CONTROLLER:
+            return False
+        if self.delegate is None:
+            if not self._warned_no_delegate:
+                self._warned_no_delegate = True
+                logger.warning("sliver=%s event=no-delegate-shell reason=%r", sliver.name,
+                               "api.unix_socket is disabled: nm-controller slivers get ordinary accounts")
+            return False
+        return True
+
+    def _login_shell(self, sliver: Sliver) -> str:
+        if self._is_delegate(sliver):
+            assert self.delegate is not None
+            return str(self.delegate.path)
+        return self.shell
+
+    def _ensure_login_shell(self, sliver: Sliver, entry: PasswdEntry, delegated: bool) -> None:
+        """Delegate accounts: wrapper installed, login shell, root-owned ``~/.hushlogin``. An
+        account that was a delegate account and no longer is gets the ordinary shell back."""
+        name, home = sliver.name, self.home_of(sliver.name)
+        if delegated:
+            assert self.delegate is not None
+            self.delegate.install(self.host)
+            self._ensure_file(home / HUSHLOGIN, b"", 0, 0, 0o644)
+            if entry.shell != str(self.delegate.path):
+                self._account_command(["usermod", "--shell", str(self.delegate.path), entry.name])
+                logger.info("sliver=%s event=login-shell shell=%s", name, self.delegate.path)
+            return
+        if self.delegate is not None and entry.shell == str(self.delegate.path):
+            self._account_command(["usermod", "--shell", self.shell, entry.name])
+            info = self.host.stat_file(home / HUSHLOGIN)
+            if info is not None and info.uid == 0:
+                self.host.remove_file(home / HUSHLOGIN)
+            logger.info("sliver=%s event=login-shell shell=%s", name, self.shell)
+            self.delegate.release_if_unused(self.host)
 
     # --- parts ----------------------------------------------------------------------------
     def _account_command(self, argv: list[str], *, check: bool = True) -> CommandResult[bytes]:
@@ -345,9 +425,10 @@ def _signal_all(host: Host, pids: Sequence[int], sig: int) -> None:
         host.kill(pid, sig)
 
 
-def _keys_content(name: str, keys: Sequence[str]) -> bytes:
+def _keys_content(name: str, keys: Sequence[str], *, restrict: bool = False) -> bytes:
     """``authorized_keys`` content: one key per line. A key spanning lines would smuggle extra
-    lines (options, other keys) into the file, so such keys are dropped and logged."""
+    lines (options, other keys) into the file, so such keys are dropped and logged. With
+    ``restrict`` every key gets the ``restrict`` option first (delegate accounts)."""
     lines = []
     for key in keys:
         key = key.strip()
@@ -356,6 +437,8 @@ def _keys_content(name: str, keys: Sequence[str]) -> bytes:
         if any(c in key for c in "\r\n\0"):
             logger.warning("sliver=%s event=key-dropped reason=control-characters", name)
             continue
+        if restrict:
+            key = f"restrict {key}" if key.startswith(_KEY_TYPE_PREFIXES) else f"restrict,{key}"
         lines.append(key)
     return "".join(line + "\n" for line in lines).encode()
 

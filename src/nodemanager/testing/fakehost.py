@@ -18,7 +18,7 @@ It keeps just enough state for backend logic to be tested without root:
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +43,7 @@ class Spawned:
     env: dict[str, str]
     log_path: Path
     pid: int
+    cgroups: tuple[Path, ...] = ()
 
 
 @dataclass(slots=True)
@@ -231,6 +232,19 @@ class FakeHost(Host):
             for path in [p for p in table if p == root or root in p.parents]:
                 del table[path]
 
+    def write_text(self, path: Path, text: str) -> None:
+        self._record("write_text", Path(path), text)
+        old = self.files.get(Path(path))
+        self.files[Path(path)] = FakeFile(text.encode(), 0, 0, 0o644) if old is None else replace(old, data=text.encode())
+
+    def remove_dir(self, path: Path) -> None:
+        self._record("remove_dir", Path(path))
+        self._remove_under(Path(path))
+
+    def list_dirs(self, directory: Path) -> list[str]:
+        self._record("list_dirs", Path(directory))
+        return sorted(p.name for p in self.dirs if p.parent == Path(directory))
+
     def list_executables(self, directory: Path) -> list[str]:
         self._record("list_executables", Path(directory))
         return sorted(p.name for p, f in self.files.items() if p.parent == Path(directory) and f.mode & 0o111)
@@ -239,6 +253,10 @@ class FakeHost(Host):
     def pids_of_uid(self, uid: int) -> list[int]:
         self._record("pids_of_uid", uid)
         return sorted(pid for pid, owner in self.processes.items() if owner == uid)
+
+    def pids_by_uid(self, uids: Collection[int]) -> dict[int, list[int]]:
+        self._record("pids_by_uid", tuple(uids))
+        return {uid: sorted(p for p, owner in self.processes.items() if owner == uid) for uid in uids}
 
     def kill(self, pid: int, sig: int) -> None:
         self._record("kill", pid, sig)
@@ -252,10 +270,11 @@ class FakeHost(Host):
             del self.processes[pid]
 
     def spawn_detached(self, argv: Sequence[str], *, uid: int, gid: int, home: Path,
-                       env: Mapping[str, str], log_path: Path) -> None:
-        self._record("spawn_detached", tuple(argv), uid)
+                       env: Mapping[str, str], log_path: Path, cgroups: Sequence[Path] = ()) -> None:
+        self._record("spawn_detached", tuple(argv), uid, *([tuple(Path(c) for c in cgroups)] if cgroups else []))
         pid = self.add_process(uid)
-        self.spawned.append(Spawned(tuple(str(a) for a in argv), uid, gid, Path(home), dict(env), Path(log_path), pid))
+        self.spawned.append(Spawned(tuple(str(a) for a in argv), uid, gid, Path(home), dict(env), Path(log_path), pid,
+                                    tuple(Path(c) for c in cgroups)))
 
     # --- time -----------------------------------------------------------------------------
     def sleep(self, seconds: float) -> None:

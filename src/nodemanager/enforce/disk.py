@@ -1,0 +1,249 @@
+"""Disk enforcement: ``nm_disk_quota`` (KiB, 0 = unlimited) on each sliver's home.
+
+Two mechanisms, chosen per ``home_root`` filesystem (``mechanism()``), both tamper-proof against
+the sliver itself:
+
+* ``quota``: the filesystem under ``home_root`` is ext4 or xfs mounted with user quotas that are
+  on -> ``setquota -u UID 0 HARD 0 0 MOUNT`` (hard block limit in KiB).
+* ``image``: anywhere else (this project's test machines: ext4 without QFMT_V2 support, btrfs),
+  one sparse ext4 image per sliver, ``<images_dir>/<name>.img``, loop-mounted ``nosuid,nodev`` on
+  the home; the filesystem's size is the limit. A larger quota grows it online (``truncate``,
+  ``losetup -c``, ``resize2fs``); a smaller one is NOT applied while mounted (shrinking needs an
+  unmount under the sliver's feet) and shows as a difference in ``status --resources``.
+  btrfs qgroups are not used: a nested subvolume escapes them (dependencies.md).
+
+Cooperation with the account path (the lead wires it; the order matters):
+
+* create: ``useradd`` -> home directory -> :meth:`DiskEnforcer.prepare_home` (mounts the image,
+  copying anything already in the home into it) -> write keys and ``.nodemanager`` files.
+* destroy: kill the sliver's processes (cgroups) -> :meth:`DiskEnforcer.release_home` (unmount,
+  delete the image) -> ``userdel --remove``.
+* start-up: ``apply`` with every sliver's home re-mounts images (after a reboot) and grows them.
+
+``apply`` never deletes an image or a quota of a sliver absent from its RSpecs: data goes only
+through ``release_home``/``remove``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..core.errors import BackendError
+from ..host import Host
+from .base import RSpecs
+
+log = logging.getLogger(__name__)
+
+QUOTA_FILESYSTEMS = ("ext4", "xfs")
+QUOTA_OPTIONS = ("usrquota", "usrjquota", "uquota", "quota")
+
+
+class DiskEnforcer:
+    name = "disk"
+
+    def __init__(self, host: Host, home_root: Path, images_dir: Path, *, mechanism: str = "auto") -> None:
+        self.host = host
+        self.home_root = Path(home_root)
+        self.images_dir = Path(images_dir)
+        self._mechanism = None if mechanism == "auto" else mechanism
+        self._mount: str | None = None  # the quota filesystem's mount point
+
+    # --- choosing the mechanism -----------------------------------------------------------
+    def mechanism(self) -> str:
+        """``quota`` or ``image`` for ``home_root``'s filesystem (detected once)."""
+        if self._mechanism is None:
+            self._mechanism = "image"
+            out = self.host.run(["findmnt", "-n", "-o", "FSTYPE,OPTIONS,TARGET", "-T", str(self.home_root)],
+                                check=False)
+            fields = (out.stdout or b"").decode().split()
+            if len(fields) >= 3 and fields[0] in QUOTA_FILESYSTEMS:
+                options = {o.split("=")[0] for o in fields[1].split(",")}
+                if options & set(QUOTA_OPTIONS) and self._quota_on(fields[2]):
+                    self._mechanism, self._mount = "quota", fields[2]
+        return self._mechanism
+
+    def _quota_on(self, mount: str) -> bool:
+        result = self.host.run(["quotaon", "-p", "-u", mount], check=False)
+        return b"is on" in (result.stdout or b"")
+
+    def _mount_point(self) -> str:
+        if self._mount is None:
+            out = self.host.run(["findmnt", "-n", "-o", "TARGET", "-T", str(self.home_root)]).stdout
+            self._mount = (out or b"").decode().strip()
+        return self._mount
+
+    def available(self) -> str | None:
+        try:
+            mechanism = self.mechanism()
+            tools = [["setquota", "-V"]] if mechanism == "quota" else [["mkfs.ext4", "-V"], ["losetup", "-V"],
+                                                                      ["resize2fs", "-P", "/dev/null"]]
+            for argv in tools[:2]:
+                self.host.run(argv)
+            if mechanism == "image":
+                self.host.makedirs_owned(self.images_dir, 0, 0, 0o700)
+        except BackendError as exc:
+            return f"disk quotas unavailable: {exc}"
+        return None
+
+    # --- images ---------------------------------------------------------------------------
+    def image_of(self, name: str) -> Path:
+        return self.images_dir / f"{name}.img"
+
+    def _loops(self) -> dict[str, str]:
+        """back file -> loop device, for every attached loop device."""
+        out = self.host.run(["losetup", "-J", "-l", "-O", "NAME,BACK-FILE"]).stdout
+        try:
+            devices = json.loads(out or b"{}").get("loopdevices", []) if out and out.strip() else []
+        except ValueError as exc:
+            raise BackendError("cannot parse `losetup -J`") from exc
+        return {str(d.get("back-file", "")).removesuffix(" (deleted)"): d["name"] for d in devices if d.get("name")}
+
+    def _targets(self, device: str) -> list[str]:
+        result = self.host.run(["findmnt", "-n", "-l", "-o", "TARGET", "-S", device], check=False)
+        return [line for line in (result.stdout or b"").decode().splitlines() if line.strip()]
+
+    def _size_kib(self, image: Path) -> int | None:
+        info = self.host.stat_file(image)
+        return None if info is None else info.size // 1024
+
+    def prepare_home(self, name: str, uid: int, gid: int, home: Path, quota_kib: int) -> tuple[str, ...]:
+        """Make ``home`` (mode 0700, ``uid:gid``) carry a limit of ``quota_kib``. Idempotent.
+
+        image: creates the image when missing (and the quota is not 0), mounts it on the home
+        when not mounted (carrying over what the home held), grows it when the quota grew.
+        quota: sets the user's hard block limit. Returns notes (e.g. a refused shrink)."""
+        home = Path(home)
+        if self.host.stat_file(home) is None:
+            self.host.makedirs_owned(home, uid, gid, 0o700)
+        if self.mechanism() == "quota":
+            self.host.run(["setquota", "-u", str(uid), "0", str(max(0, quota_kib)), "0", "0", self._mount_point()])
+            return ()
+        image = self.image_of(name)
+        size = self._size_kib(image)
+        notes: list[str] = []
+        if size is None:
+            if quota_kib <= 0:
+                return ()
+            self._create_image(image, uid, gid, quota_kib)
+            size = quota_kib
+        device = self._loops().get(str(image))
+        mounted = device is not None and str(home) in self._targets(device)
+        if not mounted:
+            self._mount(name, image, home)
+            device = self._loops().get(str(image))
+        if quota_kib > size and device is not None:
+            self.host.run(["truncate", "-s", f"{quota_kib}K", str(image)])
+            self.host.run(["losetup", "-c", device])
+            self.host.run(["resize2fs", device], timeout=300)
+            log.info("event=image_grown sliver=%s kib=%d", name, quota_kib)
+        elif 0 < quota_kib < size or quota_kib == 0:
+            notes.append(f"sliver {name}: disk image stays at {size} KiB (quota {quota_kib} KiB): "
+                         "images are not shrunk or dropped while in use")
+        self.host.makedirs_owned(home, uid, gid, 0o700)
+        return tuple(notes)
+
+    def _create_image(self, image: Path, uid: int, gid: int, kib: int) -> None:
+        self.host.makedirs_owned(self.images_dir, 0, 0, 0o700)
+        temp = image.with_name(image.name + ".new")
+        self.host.remove_file(temp)
+        self.host.run(["truncate", "-s", f"{kib}K", str(temp)])
+        self.host.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", f"root_owner={uid}:{gid}", str(temp)], timeout=300)
+        self.host.run(["mv", "-f", "-T", str(temp), str(image)])
+        log.info("event=image_created image=%s kib=%d", image, kib)
+
+    def _mount(self, name: str, image: Path, home: Path) -> None:
+        options = "loop,nosuid,nodev"
+        listing = self.host.run(["find", str(home), "-mindepth", "1", "-maxdepth", "1", "-print", "-quit"]).stdout
+        if listing and listing.strip():
+            staging = self.images_dir / f"{name}.staging"
+            self.host.makedirs_owned(staging, 0, 0, 0o700)
+            self.host.run(["mount", "-o", options, str(image), str(staging)])
+            try:
+                self.host.run(["cp", "-a", "--", f"{home}/.", f"{staging}/"], timeout=600)
+            finally:
+                self.host.run(["umount", str(staging)])
+                self.host.remove_dir(staging)
+            self.host.run(["find", str(home), "-mindepth", "1", "-delete"])
+        self.host.run(["mount", "-o", options, str(image), str(home)])
+        lost = home / "lost+found"
+        info = self.host.stat_file(lost)
+        if info is not None and info.kind == "dir" and info.uid == 0:
+            self.host.remove_dir(lost)
+        log.info("event=image_mounted sliver=%s home=%s", name, home)
+
+    def release_home(self, name: str, home: Path | None = None) -> None:
+        """Undo :meth:`prepare_home`: unmount and delete the image (image), or drop the user's
+        limit (quota; needs the uid, so use :meth:`remove`). Call after the sliver's processes
+        are gone and before ``userdel --remove``. Idempotent."""
+        if self.mechanism() == "quota":
+            return
+        image = self.image_of(name)
+        device = self._loops().get(str(image))
+        if device is not None:
+            for target in self._targets(device):
+                if home is None or target == str(home) or target.startswith(str(self.images_dir)):
+                    if self.host.run(["umount", target], check=False).returncode != 0:
+                        self.host.run(["umount", "-l", target])
+            leftover = self._loops().get(str(image))
+            if leftover is not None:
+                self.host.run(["losetup", "-d", leftover], check=False)
+        self.host.remove_file(image)
+
+    # --- the Enforcer port ----------------------------------------------------------------
+    def apply(self, rspecs: RSpecs, uids: Mapping[str, int], homes: Mapping[str, Path] | None = None) -> tuple[str, ...]:
+        notes: list[str] = []
+        failures: list[str] = []
+        for name, rspec in sorted(rspecs.items()):
+            if homes is None or name not in homes or name not in uids:
+                continue
+            entry = self.host.getpwuid(uids[name])
+            gid = entry.gid if entry is not None else uids[name]
+            try:
+                notes += self.prepare_home(name, uids[name], gid, homes[name], rspec.get("nm_disk_quota", 0))
+            except BackendError as exc:
+                failures.append(f"sliver {name}: disk: {exc}")
+        if failures:
+            raise BackendError("; ".join(failures))
+        return tuple(notes)
+
+    def remove(self, name: str, uid: int) -> None:
+        if self.mechanism() == "quota":
+            self.host.run(["setquota", "-u", str(uid), "0", "0", "0", "0", self._mount_point()])
+            return
+        self.release_home(name)
+
+    def observed(self) -> dict[str, dict[str, int]]:
+        if self.mechanism() == "quota":
+            return self._observed_quota()
+        out = self.host.run(["find", str(self.images_dir), "-maxdepth", "1", "-name", "*.img",
+                             "-printf", "%f %s\n"], check=False).stdout
+        loops = self._loops()
+        result = {}
+        for line in (out or b"").decode().splitlines():
+            filename, _, size = line.rpartition(" ")
+            if not size.isdigit():
+                continue
+            device = loops.get(str(self.images_dir / filename))
+            result[filename.removesuffix(".img")] = {
+                "nm_disk_quota": int(size) // 1024,
+                "disk_mounted": int(device is not None and bool(self._targets(device))),
+            }
+        return result
+
+    def _observed_quota(self) -> dict[str, dict[str, int]]:
+        out = self.host.run(["repquota", "-u", "-n", self._mount_point()], check=False).stdout
+        names = {}
+        result = {}
+        for line in (out or b"").decode().splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[0].startswith("#") and fields[0][1:].isdigit():
+                uid = int(fields[0][1:])
+                if uid not in names:
+                    entry = self.host.getpwuid(uid)
+                    names[uid] = entry.name if entry is not None else f"uid {uid}"
+                if fields[4].isdigit() and int(fields[4]) > 0:
+                    result[names[uid]] = {"nm_disk_quota": int(fields[4]), "disk_used": int(fields[2])}
+        return result
