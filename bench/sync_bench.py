@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
+import logging
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -127,7 +128,44 @@ def run(n: int, repeat: int, emit: Callable[[str, float, str], None]) -> None:
     emit(f"sync_onechange_ratio_{n}", change_s / parse_s, "ratio")
     emit(f"noop_backend_calls_{n}", sum(noop_calls.values()), "calls")
     emit(f"threads_{n}", peak_threads[0], "threads")
-    emit(f"rss_mb_{n}", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
+    rss_mb, threads = daemon_footprint(bodies)
+    emit(f"rss_mb_{n}", rss_mb, "MB")
+    emit(f"threads_daemon_{n}", threads, "threads")
+
+
+def daemon_footprint(bodies: dict[str, bytes]) -> tuple[float, int]:
+    """Peak RSS and thread count of a fresh process that does what the daemon does: read each
+    document's bytes, then a full, a no-op and a one-change sync. Measured in a child so the
+    benchmark's own baggage (three bodies, the baseline's parse) does not count."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, body in bodies.items():
+            Path(tmp, kind).write_bytes(body)
+        out = subprocess.run([sys.executable, __file__, "--footprint", tmp], capture_output=True,
+                             text=True, check=True).stdout.split()
+    return float(out[0]), int(out[1])
+
+
+def footprint(directory: Path) -> None:
+    backend = HollowBackend()
+    store = Store(directory / "nm.sqlite")
+    pool = WorkerPool(4)
+    current = {"kind": "full"}
+
+    def fetch():  # noqa: ANN202
+        body = (directory / current["kind"]).read_bytes()
+        return parse_getslivers_with_protection(loads_xmlrpc_response(body, 1 << 30), expected_node_id=1)
+
+    syncer = Syncer(store=store, backend=backend, pool=pool, fetch=fetch, clock=SystemClock(),
+                    operations=SliverOperations(store, backend, SystemClock()))
+    threads = 0
+    for kind in ("full", "noop", "change"):
+        current["kind"] = kind
+        assert syncer.run_once(wait=True).ok
+        threads = max(threads, threading.active_count())
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large parent
+    # would report the parent's size.
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print(hwm_kib / 1024, threads)
 
 
 def emit_line(name: str, value: float, unit: str) -> None:
@@ -138,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--footprint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.footprint:
+        logging.disable(logging.WARNING)
+        footprint(args.footprint)
+        return 0
     for n in (int(x) for x in args.sizes.split(",")):
         run(n, args.repeat, emit_line)
     return 0

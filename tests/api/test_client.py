@@ -165,7 +165,8 @@ elif mode == "fault":
     out.write(xmlrpc.client.dumps(xmlrpc.client.Fault(108, "permission denied"), methodresponse=True).encode())
 elif mode == "forward-down":
     sys.stderr.write("forward_api_calls: cannot reach the node manager API\\n")
-    out.write(xmlrpc.client.dumps(xmlrpc.client.Fault(1, "cannot reach the node manager API"), methodresponse=True).encode())
+    fault = xmlrpc.client.Fault(1, "cannot reach the node manager API")
+    out.write(xmlrpc.client.dumps(fault, methodresponse=True).encode())
     sys.exit(2)
 elif mode == "denied":
     sys.stderr.write("ctl@node: Permission denied (publickey).\\n")

@@ -87,8 +87,11 @@ class TinyHttpServer:
         self.listener.close()
 
 
+Serve = Callable[[Responder], "TinyHttpServer"]
+
+
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[[Responder], TinyHttpServer]]:
+def serve(tmp_path: Path) -> Iterator[Serve]:
     servers: list[TinyHttpServer] = []
 
     def start(respond: Responder) -> TinyHttpServer:
@@ -114,7 +117,7 @@ def fault_of(body: bytes) -> xmlrpc.client.Fault:
 
 @pytest.mark.parametrize("respond", [content_length(), close_delimited, chunked],
                          ids=["content-length", "close-delimited", "chunked"])
-def test_stdout_is_exactly_the_response_body(serve: Callable[[Responder], TinyHttpServer], respond: Responder) -> None:
+def test_stdout_is_exactly_the_response_body(serve: Serve, respond: Responder) -> None:
     server = serve(respond)
     done = run_forward(["--socket", str(server.path)], REQUEST)
     assert done.returncode == 0, done.stderr
@@ -128,7 +131,7 @@ def test_stdout_is_exactly_the_response_body(serve: Callable[[Responder], TinyHt
     assert f"Content-Length: {len(REQUEST)}" in lines and "Connection: close" in lines
 
 
-def test_socket_option_in_equals_form_and_a_fault_answer_exits_zero(serve: Callable[[Responder], TinyHttpServer]) -> None:
+def test_socket_option_in_equals_form_and_a_fault_answer_exits_zero(serve: Serve) -> None:
     fault = xmlrpc.client.dumps(xmlrpc.client.Fault(108, "permission denied"), methodresponse=True).encode()
     server = serve(content_length(body=fault))
     done = run_forward([f"--socket={server.path}", "--timeout", "5"], REQUEST)
@@ -139,7 +142,7 @@ def test_socket_option_in_equals_form_and_a_fault_answer_exits_zero(serve: Calla
 @pytest.mark.parametrize("args", [["-c", "ls -l"], ["--socket", "/x", "-c", "id"], ["-c"], ["--bogus"], ["extra"],
                                   ["--socket"], ["--timeout", "soon"]])
 def test_commands_and_unknown_arguments_are_refused_with_nothing_on_stdout(
-        serve: Callable[[Responder], TinyHttpServer], args: list[str]) -> None:
+        serve: Serve, args: list[str]) -> None:
     server = serve(content_length())
     args = [a.replace("/x", str(server.path)) for a in args]
     done = run_forward(args, REQUEST)
@@ -149,7 +152,7 @@ def test_commands_and_unknown_arguments_are_refused_with_nothing_on_stdout(
     assert server.requests == []
 
 
-def test_a_request_over_one_mebibyte_gets_fault_102_and_is_not_sent(serve: Callable[[Responder], TinyHttpServer]) -> None:
+def test_a_request_over_one_mebibyte_gets_fault_102_and_is_not_sent(serve: Serve) -> None:
     server = serve(content_length())
     done = run_forward(["--socket", str(server.path)], b"x" * (forward.MAX_REQUEST_BYTES + 1))
     assert done.returncode == forward.EXIT_TOO_LARGE != 0
@@ -158,7 +161,7 @@ def test_a_request_over_one_mebibyte_gets_fault_102_and_is_not_sent(serve: Calla
     assert server.requests == []
 
 
-def test_a_request_of_exactly_one_mebibyte_is_forwarded(serve: Callable[[Responder], TinyHttpServer]) -> None:
+def test_a_request_of_exactly_one_mebibyte_is_forwarded(serve: Serve) -> None:
     server = serve(content_length())
     body = b"y" * forward.MAX_REQUEST_BYTES
     done = run_forward(["--socket", str(server.path)], body)
@@ -192,7 +195,7 @@ def test_a_socket_nobody_listens_on_is_a_transport_error(tmp_path: Path) -> None
     (lambda head, body: b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n\r\nshort", 1, "cut short"),
     (lambda head, body: b"garbage\r\n\r\n", 1, "malformed HTTP status line"),
 ], ids=["500", "413", "no-answer", "short-body", "garbage"])
-def test_bad_http_answers_become_faults(serve: Callable[[Responder], TinyHttpServer], respond: Responder,
+def test_bad_http_answers_become_faults(serve: Serve, respond: Responder,
                                         code: int, words: str) -> None:
     server = serve(respond)
     stdout, stderr = io.BytesIO(), io.StringIO()

@@ -146,19 +146,34 @@ def test_htb_plan_properties(cap: int, rspecs: dict[str, dict[str, int]]) -> Non
     assert plan.root.minor == ROOT_MINOR and plan.root.rate_kbit == plan.root.ceil_kbit == cap
     assert plan.default.minor == DEFAULT_MINOR and plan.default.ceil_kbit == cap
     assert set(plan.slivers) == set(rspecs)
+    scaled = any("minimum rates" in note or "too small" in note for note in plan.notes)
     for name, cls in plan.slivers.items():
         spec = rspecs[name]
         assert cls.minor == minors[name]
         assert FLOOR_KBIT <= cls.rate_kbit <= cls.ceil_kbit <= cap
         assert cls.ceil_kbit == min(cap, spec["nm_net_max_rate"])
-        assert cls.rate_kbit <= max(FLOOR_KBIT, spec["nm_net_min_rate"])
+        reserved = min(cls.ceil_kbit, max(FLOOR_KBIT, spec["nm_net_min_rate"]))
+        if scaled:
+            assert cls.rate_kbit <= reserved
+        else:
+            assert cls.rate_kbit >= reserved
         assert MTU_QUANTUM <= cls.quantum <= MAX_QUANTUM
     rates = plan.default.rate_kbit + sum(c.rate_kbit for c in plan.slivers.values())
     if cap >= FLOOR_KBIT * (len(rspecs) + 1):
         assert rates <= cap
-    unscaled = all(c.rate_kbit == min(c.ceil_kbit, max(FLOOR_KBIT, rspecs[n]["nm_net_min_rate"]))
-                   for n, c in plan.slivers.items())
-    assert unscaled or any("rate" in note for note in plan.notes)
+        if not scaled and rspecs:
+            # the spare is handed out (up to rounding, one kbit/s per sliver) unless every class is at its ceil
+            at_ceil = all(c.rate_kbit == c.ceil_kbit for c in plan.slivers.values())
+            assert at_ceil or rates >= cap - len(rspecs)
+
+
+def test_spare_bandwidth_is_shared_out_by_share_under_the_ceils() -> None:
+    rspecs = {"a": {"nm_net_share": 1}, "b": {"nm_net_share": 3}, "c": {"nm_net_share": 4, "nm_net_max_rate": 100}}
+    plan = htb_plan(8008 + 8 * 3 + 100, rspecs, {"a": 16, "b": 17, "c": 18})
+    assert plan.slivers["c"].rate_kbit == 100
+    spare_a, spare_b = plan.slivers["a"].rate_kbit - FLOOR_KBIT, plan.slivers["b"].rate_kbit - FLOOR_KBIT
+    assert abs(spare_a * 3 - spare_b) <= 3
+    assert plan.slivers["a"].rate_kbit + plan.slivers["b"].rate_kbit >= 8000
 
 
 @given(st.integers(1, 132), st.integers(1, 132))
@@ -171,7 +186,7 @@ def test_htb_plan_ignores_slivers_without_a_class_and_defaults_ceil_to_cap() -> 
     plan = htb_plan(8000, {"a": {}, "b": {"nm_net_min_rate": 1000}}, {"a": 0x20})
     assert list(plan.slivers) == ["a"]
     assert plan.slivers["a"].classid == "1:20"
-    assert (plan.slivers["a"].rate_kbit, plan.slivers["a"].ceil_kbit) == (FLOOR_KBIT, 8000)
+    assert (plan.slivers["a"].rate_kbit, plan.slivers["a"].ceil_kbit) == (8000 - FLOOR_KBIT, 8000)
 
 
 def test_min_rates_over_the_cap_are_scaled_with_a_note() -> None:

@@ -145,7 +145,8 @@ class UnixTransport(SafeTransport):
         return _UnixHTTPConnection(self.socket_path, self.timeout)
 
 
-def local_proxy(socket_path: str | os.PathLike[str], *, timeout: float | None = DEFAULT_TIMEOUT) -> xmlrpc.client.ServerProxy:
+def local_proxy(socket_path: str | os.PathLike[str], *,
+                timeout: float | None = DEFAULT_TIMEOUT) -> xmlrpc.client.ServerProxy:
     """A ServerProxy for the daemon's Unix socket."""
     return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport(socket_path, timeout=timeout))
 

@@ -193,7 +193,6 @@ def _bind_unix(path: Path, backlog: int) -> tuple[socket.socket, tuple[int, int]
 class _Connection:
     """One client connection, as seen by :meth:`ApiServer.stop` (loop thread only)."""
 
-    task: asyncio.Task[None] | None
     writer: asyncio.StreamWriter
     idle: bool = field(default=True)
 
@@ -235,7 +234,9 @@ class ApiServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._servers: list[asyncio.AbstractServer] = []
+        self._listening: list[socket.socket] = []
+        # Connection tasks -> the raw socket they have not yet taken ownership of (then None).
+        self._tasks: dict[asyncio.Task[Any], socket.socket | None] = {}
         self._connections: set[_Connection] = set()
         self._closing = False
         self._started = False
@@ -327,44 +328,77 @@ class ApiServer:
             loop.close()
 
     async def _open_servers(self) -> None:
-        if self._tcp_sock is not None:
-            self._servers.append(
-                await asyncio.start_server(
-                    self._tcp_connection, sock=self._tcp_sock, limit=MAX_HEAD_BYTES, backlog=self._backlog
-                )
-            )
-        if self._unix_sock is not None:
-            self._servers.append(
-                await asyncio.start_unix_server(
-                    self._unix_connection, sock=self._unix_sock, limit=MAX_HEAD_BYTES, backlog=self._backlog
-                )
-            )
+        # Accepting by hand (a reader callback) rather than asyncio.start_server or a
+        # sock_accept task: every accepted socket is handed to a connection task synchronously,
+        # so stopping can never strand one (3.11's Server drops, unclosed, a connection accepted
+        # just before Server.close(), and cancelling sock_accept can lose one it just accepted).
+        loop = asyncio.get_running_loop()
+        for sock, transport in ((self._tcp_sock, TRANSPORT_TCP), (self._unix_sock, TRANSPORT_UNIX)):
+            if sock is not None:
+                loop.add_reader(sock.fileno(), self._accept_ready, sock, transport)
+                self._listening.append(sock)
+
+    def _accept_ready(self, listener: socket.socket, transport: str) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            try:
+                conn, _address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: pause accepting instead of spinning
+                logger.warning("event=api-accept-error transport=%s error=%s", transport, exc)
+                loop.remove_reader(listener.fileno())
+                loop.call_later(0.1, self._resume_accepting, listener, transport)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(self._accepted(conn, transport))
+            self._tasks[task] = conn
+            task.add_done_callback(self._forget)
+
+    def _resume_accepting(self, listener: socket.socket, transport: str) -> None:
+        if not self._closing:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_ready, listener, transport)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        conn = self._tasks.pop(task, None)
+        if conn is not None:
+            conn.close()  # cancelled before it could take ownership of the socket
+
+    async def _accepted(self, conn: socket.socket, transport: str) -> None:
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        if me is not None:
+            self._tasks[me] = None  # from here on, this coroutine closes the socket
+        try:
+            reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            stream, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
+        except BaseException:
+            conn.close()
+            raise
+        await self._connection(reader, asyncio.StreamWriter(stream, protocol, reader, loop), transport)
 
     async def _shutdown(self, grace: float) -> None:
-        """Stop accepting; wait for every other task of the loop (connections, including those
-        accepted but not yet started, which answer 503 now) up to ``grace``, then cancel."""
+        """Stop accepting; close idle connections; wait for the others up to ``grace``, then
+        cut them."""
         loop = asyncio.get_running_loop()
         self._closing = True
-        for server in self._servers:
-            server.close()
+        for sock in self._listening:
+            loop.remove_reader(sock.fileno())
+            sock.close()  # connection attempts are refused from now on
         deadline = loop.time() + grace
-        me = asyncio.current_task()
-        while others := asyncio.all_tasks() - {me}:
+        while self._tasks:
             for conn in list(self._connections):
                 if conn.idle:
                     conn.writer.close()
             if loop.time() >= deadline:
-                for task in others:
+                for conn in list(self._connections):
+                    conn.writer.transport.abort()
+                for task in self._tasks:
                     task.cancel()
-                await asyncio.wait(others, timeout=1.0)
+                await asyncio.wait(set(self._tasks), timeout=1.0)
                 break
-            await asyncio.wait(others, timeout=0.05)
-
-    async def _tcp_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._connection(reader, writer, TRANSPORT_TCP)
-
-    async def _unix_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._connection(reader, writer, TRANSPORT_UNIX)
+            await asyncio.wait(set(self._tasks), timeout=0.05)
 
     def _identify(self, writer: asyncio.StreamWriter, transport: str) -> PeerIdentity | None:
         """The caller's identity, or None when the connection must be refused."""
@@ -382,15 +416,19 @@ class ApiServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str) -> None:
         if self._closing or len(self._connections) >= self._max_connections:
-            logger.warning("event=api-refused reason=connection-limit limit=%d", self._max_connections)
-            writer.write(error_response(HttpError(503, "too many connections; retry later")))
+            if self._closing:
+                message = "the node manager is stopping; retry later"
+            else:
+                message = "too many connections; retry later"
+                logger.warning("event=api-refused reason=connection-limit limit=%d", self._max_connections)
+            writer.write(error_response(HttpError(503, message)))
             writer.close()
             return
         peer = self._identify(writer, transport)
         if peer is None:
             writer.transport.abort()
             return
-        conn = _Connection(asyncio.current_task(), writer)
+        conn = _Connection(writer)
         self._connections.add(conn)
         try:
             await self._serve_requests(reader, writer, peer, conn)

@@ -161,7 +161,9 @@ class AuthorityClient:
                 if number == self.retries:
                     break
                 delay = backoff_delay(number, self.backoff_base, self._rng)
-                log.warning("authority fetch failed url=%s attempt=%d retry_in=%.1fs error=%s", self.url, number + 1, delay, exc)
+                log.warning(
+                    "authority fetch failed url=%s attempt=%d retry_in=%.1fs error=%s", self.url, number + 1, delay, exc
+                )
                 self._sleep(delay)
         raise AuthorityUnavailable(f"authority unavailable after {self.retries + 1} attempt(s): {last}") from last
 

@@ -148,7 +148,8 @@ def _msgspec_where(message: str, raw: Mapping[str, Any]) -> str:
     if slice_match:
         index = int(slice_match.group(1))
         slices = raw.get("slices")
-        name = slices[index].get("name") if isinstance(slices, list) and index < len(slices) and isinstance(slices[index], dict) else None
+        entry = slices[index] if isinstance(slices, list) and index < len(slices) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
         label = f"slices[{index}]" + (f" ({name!r})" if isinstance(name, str) else "")
         return label + slice_match.group(2)
     return path
@@ -248,7 +249,8 @@ def parse_authority_data(raw: Mapping[str, Any], *, timestamp: int, base_time: i
             if item.instantiation != DELEGATED:
                 raise _fail(origin, f"{where}.controller", "only a delegated slice has a controller")
             if target is None or target.instantiation != NM_CONTROLLER:
-                raise _fail(origin, f"{where}.controller", f"{item.controller!r} is not an nm-controller slice of this file")
+                why = f"{item.controller!r} is not an nm-controller slice of this file"
+                raise _fail(origin, f"{where}.controller", why)
         if _XML_UNSAFE.search(item.initscript):
             raise _fail(origin, f"{where}.initscript", "contains a control character XML cannot carry")
         try:

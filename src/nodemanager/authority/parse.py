@@ -187,7 +187,7 @@ def _check_sliver(entry: Mapping[str, Any], timestamp: int, initscripts: dict[st
         if type(raw_keys) is not list:
             return f"keys must be an array, not {_describe(raw_keys)}"
         for i, item in enumerate(raw_keys):
-            if not isinstance(item, Mapping):
+            if type(item) is not dict and not isinstance(item, Mapping):
                 return f"key #{i} must be a struct {{key_type, key}}, not {_describe(item)}"
             key = item.get("key")
             if item.get("key_type") != "ssh":
@@ -208,7 +208,7 @@ def _check_sliver(entry: Mapping[str, Any], timestamp: int, initscripts: dict[st
         if type(raw_attributes) is not list:
             return f"attributes must be an array, not {_describe(raw_attributes)}"
         for i, item in enumerate(raw_attributes):
-            if not isinstance(item, Mapping):
+            if type(item) is not dict and not isinstance(item, Mapping):
                 return f"attribute #{i} must be a struct {{tagname, value}}, not {_describe(item)}"
             tag, value = item.get("tagname"), item.get("value")
             if type(tag) is not str or _tag_match(tag) is None:

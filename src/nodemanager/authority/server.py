@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..core.errors import ConfigError, DocumentRejected, NodeManagerError, PermissionDenied, UnknownMethod, WrongArgumentCount
+from ..core.errors import (
+    ConfigError,
+    DocumentRejected,
+    NodeManagerError,
+    PermissionDenied,
+    UnknownMethod,
+    WrongArgumentCount,
+)
 from .auth import verify_hmac_auth
 from .model import AuthorityData, getslivers_struct, load_authority_text, slices_xml
 from .parse import MIB, loads_xmlrpc_call
@@ -69,7 +76,8 @@ class AuthorityDataFile:
             except OSError as exc:
                 if self._data is None:
                     raise ConfigError(f"cannot read authority data {self.path}: {exc.strerror}") from exc
-                log.error("authority data unreadable, serving the last good data path=%s error=%s", self.path, exc.strerror)
+                log.error("authority data unreadable, serving the last good data path=%s error=%s",
+                          self.path, exc.strerror)
                 return self._data
             signature = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
             if signature != self._signature:
@@ -93,7 +101,8 @@ class AuthorityDataFile:
         if data.timestamp == timestamp:
             self._last_mtime_timestamp = timestamp
         self._data, self._signature = data, signature
-        log.info("authority data loaded path=%s timestamp=%d nodes=%d slices=%d", self.path, data.timestamp, len(data.nodes), len(data.slices))
+        log.info("authority data loaded path=%s timestamp=%d nodes=%d slices=%d",
+                 self.path, data.timestamp, len(data.nodes), len(data.slices))
 
 
 def get_slivers(server: AuthorityServer, params: Sequence[Any]) -> Any:

@@ -49,7 +49,8 @@ class DiskEnforcer:
         self.home_root = Path(home_root)
         self.images_dir = Path(images_dir)
         self._mechanism = None if mechanism == "auto" else mechanism
-        self._mount: str | None = None  # the quota filesystem's mount point
+        self._quota_mount: str | None = None  # the quota filesystem's mount point
+        self._names: dict[int, str] = {}  # uid -> sliver, from the last apply (quota observed)
 
     # --- choosing the mechanism -----------------------------------------------------------
     def mechanism(self) -> str:
@@ -62,7 +63,7 @@ class DiskEnforcer:
             if len(fields) >= 3 and fields[0] in QUOTA_FILESYSTEMS:
                 options = {o.split("=")[0] for o in fields[1].split(",")}
                 if options & set(QUOTA_OPTIONS) and self._quota_on(fields[2]):
-                    self._mechanism, self._mount = "quota", fields[2]
+                    self._mechanism, self._quota_mount = "quota", fields[2]
         return self._mechanism
 
     def _quota_on(self, mount: str) -> bool:
@@ -70,18 +71,17 @@ class DiskEnforcer:
         return b"is on" in (result.stdout or b"")
 
     def _mount_point(self) -> str:
-        if self._mount is None:
+        if self._quota_mount is None:
             out = self.host.run(["findmnt", "-n", "-o", "TARGET", "-T", str(self.home_root)]).stdout
-            self._mount = (out or b"").decode().strip()
-        return self._mount
+            self._quota_mount = (out or b"").decode().strip()
+        return self._quota_mount
 
     def available(self) -> str | None:
         try:
             mechanism = self.mechanism()
-            tools = [["setquota", "-V"]] if mechanism == "quota" else [["mkfs.ext4", "-V"], ["losetup", "-V"],
-                                                                      ["resize2fs", "-P", "/dev/null"]]
-            for argv in tools[:2]:
-                self.host.run(argv)
+            tools = ["setquota"] if mechanism == "quota" else ["mkfs.ext4", "losetup", "findmnt"]
+            for program in tools:
+                self.host.run([program, "-V"])
             if mechanism == "image":
                 self.host.makedirs_owned(self.images_dir, 0, 0, 0o700)
         except BackendError as exc:
@@ -135,15 +135,37 @@ class DiskEnforcer:
             self._mount(name, image, home)
             device = self._loops().get(str(image))
         if quota_kib > size and device is not None:
-            self.host.run(["truncate", "-s", f"{quota_kib}K", str(image)])
-            self.host.run(["losetup", "-c", device])
-            self.host.run(["resize2fs", device], timeout=300)
-            log.info("event=image_grown sliver=%s kib=%d", name, quota_kib)
+            notes += self._grow(name, image, device, home, size, quota_kib)
         elif 0 < quota_kib < size or quota_kib == 0:
             notes.append(f"sliver {name}: disk image stays at {size} KiB (quota {quota_kib} KiB): "
                          "images are not shrunk or dropped while in use")
         self.host.makedirs_owned(home, uid, gid, 0o700)
         return tuple(notes)
+
+    def _grow(self, name: str, image: Path, device: str, home: Path, size: int, kib: int) -> list[str]:
+        """Grow the image to ``kib``: online (``resize2fs`` on the mounted loop device), else
+        offline when the home is not in use (unmount, ``e2fsck``, ``resize2fs``, mount). Online
+        resizing needs CAP_SYS_RESOURCE, which containers often lack. When neither works, the
+        file is put back to its old size so the next apply tries again, and a note says so."""
+        self.host.run(["truncate", "-s", f"{kib}K", str(image)])
+        self.host.run(["losetup", "-c", device])
+        online = self.host.run(["resize2fs", device], timeout=300, check=False)
+        if online.returncode == 0:
+            log.info("event=image_grown sliver=%s kib=%d how=online", name, kib)
+            return []
+        if self.host.run(["umount", str(home)], check=False).returncode == 0:
+            try:
+                self.host.run(["e2fsck", "-f", "-p", str(image)], timeout=300, check=False)
+                self.host.run(["resize2fs", str(image)], timeout=300)
+            finally:
+                self.host.run(["mount", "-o", "loop,nosuid,nodev", str(image), str(home)])
+            log.info("event=image_grown sliver=%s kib=%d how=offline", name, kib)
+            return []
+        self.host.run(["truncate", "-s", f"{size}K", str(image)])
+        self.host.run(["losetup", "-c", device])
+        reason = online.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
+        return [f"sliver {name}: disk image not grown to {kib} KiB yet: online resize refused "
+                f"({reason[0]}) and the home is in use"]
 
     def _create_image(self, image: Path, uid: int, gid: int, kib: int) -> None:
         self.host.makedirs_owned(self.images_dir, 0, 0, 0o700)
@@ -196,6 +218,7 @@ class DiskEnforcer:
     def apply(self, rspecs: RSpecs, uids: Mapping[str, int], homes: Mapping[str, Path] | None = None) -> tuple[str, ...]:
         notes: list[str] = []
         failures: list[str] = []
+        self._names = {uids[n]: n for n in rspecs if n in uids}
         for name, rspec in sorted(rspecs.items()):
             if homes is None or name not in homes or name not in uids:
                 continue
@@ -235,15 +258,11 @@ class DiskEnforcer:
 
     def _observed_quota(self) -> dict[str, dict[str, int]]:
         out = self.host.run(["repquota", "-u", "-n", self._mount_point()], check=False).stdout
-        names = {}
         result = {}
         for line in (out or b"").decode().splitlines():
             fields = line.split()
             if len(fields) >= 5 and fields[0].startswith("#") and fields[0][1:].isdigit():
                 uid = int(fields[0][1:])
-                if uid not in names:
-                    entry = self.host.getpwuid(uid)
-                    names[uid] = entry.name if entry is not None else f"uid {uid}"
                 if fields[4].isdigit() and int(fields[4]) > 0:
-                    result[names[uid]] = {"nm_disk_quota": int(fields[4]), "disk_used": int(fields[2])}
+                    result[self._names.get(uid, f"uid {uid}")] = {"nm_disk_quota": int(fields[4]), "disk_used": int(fields[2])}
         return result

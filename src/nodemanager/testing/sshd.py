@@ -104,6 +104,7 @@ class PrivateSshd:
             "PermitRootLogin no",
             "StrictModes yes",
             f"LogLevel {self.log_level}",
+            "Subsystem sftp /usr/lib/openssh/sftp-server",  # as Debian's: run through the login shell
             *self.extra,
         ]
         return "".join(line + "\n" for line in lines)
