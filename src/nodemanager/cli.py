@@ -5,6 +5,7 @@
     nodemanager [-c CONFIG] plan                     what a sync would do, without doing it
     nodemanager [-c CONFIG] status                   slivers table and last sync outcome
     nodemanager [-c CONFIG] config show              the effective configuration (TOML)
+    nodemanager [-c CONFIG] call METHOD [ARGS...]    call the API (local socket, --tcp, --ssh)
     nodemanager authority serve --data FILE [--listen HOST:PORT]
 """
 
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     config_sub.add_parser("show", help="print the effective configuration as TOML")
+
+    from .api.callcli import add_call_parser
+
+    add_call_parser(sub)
 
     authority = sub.add_parser("authority", help="the bundled authority server")
     authority_sub = authority.add_subparsers(dest="authority_command", metavar="SUBCOMMAND", required=True)
@@ -220,7 +225,14 @@ def cmd_authority(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_call(args: argparse.Namespace) -> int:
+    from .api.callcli import cmd_call as call
+
+    return call(args)
+
+
 COMMANDS = {
+    "call": cmd_call,
     "run": cmd_run,
     "sync": cmd_sync,
     "plan": cmd_plan,

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .api.methods import NodeManagerApi, TicketRedeemer, caller_resolver
+from .api.server import ApiServer
 from .authority.client import AuthorityClient, next_poll_delay
 from .backends.base import Backend
 from .clock import Clock, SystemClock
@@ -93,6 +95,7 @@ class Overrides:
     fetch: Fetch | None = None
     backend: Backend | None = None
     clock: Clock | None = None
+    tickets: TicketRedeemer | None = None
 
 
 class NodeManager:
@@ -143,6 +146,26 @@ class NodeManager:
             max_delete_fraction=config.sync.max_delete_fraction,
             confirm_after=config.sync.confirm_after,
         )
+        from .host import Host
+
+        self.host = Host()
+        self.loan_hooks: list[Callable[[], None]] = []
+        self.api = NodeManagerApi(
+            store=self.store,
+            pool=self.pool,
+            operations=self.operations,
+            resolve_caller=caller_resolver(self.store, self.host.getpwuid),
+            node_cap_kbps=self._node_cap,
+            tickets=overrides.tickets,
+            on_loans_changed=self._loans_changed,
+        )
+        api = config.api
+        self.api_server: ApiServer | None = None
+        if api.tcp or api.unix_socket:
+            self.api_server = ApiServer(
+                self.api.dispatch, tcp=api.tcp, unix_socket=api.unix_socket,
+                max_request_bytes=api.max_request_bytes,
+            )
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
         self.on_sync: list[Callable[[SyncOutcome], None]] = []
@@ -154,6 +177,18 @@ class NodeManager:
     def _read_cap(self) -> None:
         raw = self.store.get_meta(META_BWCAP, "")
         self._cap = int(raw) if raw.isdigit() else None
+
+    def _loans_changed(self) -> None:
+        """Loans changed through the API: effective RSpecs moved; enforcement follows now."""
+        for hook in self.loan_hooks:
+            hook()
+
+    def start_api(self) -> None:
+        """Start serving the API (TCP and/or Unix socket, as configured)."""
+        if self.api_server is not None:
+            self.api_server.start()
+            logger.info("event=api-listening tcp=%s unix=%s", self.api_server.tcp_address,
+                        self.api_server.unix_path)
 
     def sync_once(
         self, *, allow_mass_delete: bool = False, wait: bool = True, retry_now: bool = False
@@ -184,6 +219,7 @@ class NodeManager:
         failures = 0
         logger.info("event=daemon-started backend=%s workers=%d", self.backend.kind, self.pool.workers)
         try:
+            self.start_api()
             while not self.stop_event.is_set():
                 try:
                     outcome = self.sync_once(wait=False)
@@ -203,6 +239,8 @@ class NodeManager:
 
     def close(self) -> None:
         logger.info("event=daemon-stopping action=finishing-in-flight-operations")
+        if self.api_server is not None:
+            self.api_server.stop()
         self.pool.shutdown(cancel_pending=True)
         self.store.close()
         self.lock.release()

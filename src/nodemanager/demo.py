@@ -43,7 +43,7 @@ def demo_config(work: Path, authority_url: str, *, real: bool) -> Config:
             "poll_jitter": 5,
             "timeout": 10,
         },
-        "api": {"tcp": "", "unix_socket": ""},
+        "api": {"tcp": "", "unix_socket": str(work / "api.sock")},
         "metrics": {"listen": ""},
         "slivers": {
             "backend": "account" if real else "hollow",
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("backend: HOLLOW — records only, no accounts are created (run as root for real accounts)")
     print(f"log: {work / 'nodemanager.log'}   Ctrl-C to stop")
+    print(f"API: .venv/bin/nodemanager call --socket {work / 'api.sock'} GetXIDs")
     print(BANNER, flush=True)
 
     manager = NodeManager(config)

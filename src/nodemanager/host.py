@@ -585,7 +585,7 @@ class Host:
                 user=None if join else uid,
                 group=None if join else gid,
                 extra_groups=None if join else groups,
-                preexec_fn=join,
+                preexec_fn=join,  # noqa: PLW1509 - only raw system calls run in the child (see _join_then_drop)
             )
             try:
                 returncode = child.wait(timeout=30)

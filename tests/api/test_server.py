@@ -264,11 +264,17 @@ def test_pipelined_requests_are_answered_in_order(server: ApiServer) -> None:
     first = xmlrpc.client.dumps((1,), "echo").encode()
     second = xmlrpc.client.dumps((2,), "echo").encode()
     with connect_tcp(server) as sock:
-        sock.sendall(post(first) + post(second))
-        _, _, body1 = raw_exchange(sock, b"")
-        _, _, body2 = raw_exchange(sock, b"")
-    assert xmlrpc.client.loads(body1)[0] == ([1],)
-    assert xmlrpc.client.loads(body2)[0] == ([2],)
+        sock.sendall(post(first) + post(second, extra="Connection: close\r\n"))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    bodies = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        bodies.append(rest[:length])
+        data = rest[length:]
+    assert [xmlrpc.client.loads(body)[0] for body in bodies] == [([1],), ([2],)]
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ def net() -> Iterator[Net]:
     tag = secrets.token_hex(3)
     netns, dev, peer = f"nmx{tag}", f"nmx{tag}a", f"nmx{tag}b"
     subnet = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
-    run = lambda *a: subprocess.run(list(a), check=True, capture_output=True)  # noqa: E731
+    run = lambda *a: subprocess.run(list(a), check=True, capture_output=True)
     run("ip", "netns", "add", netns)
     try:
         run("ip", "link", "add", dev, "type", "veth", "peer", "name", peer)
@@ -61,8 +61,8 @@ def net() -> Iterator[Net]:
         run("ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up")
         yield Net(dev, f"{subnet}.2", netns)
     finally:
-        subprocess.run(["ip", "link", "del", dev], capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        subprocess.run(["ip", "link", "del", dev], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
 
 
 @pytest.fixture
@@ -78,8 +78,8 @@ def slivers() -> Iterator[dict[str, int]]:
         yield {name: int(subprocess.run(["id", "-u", name], check=True, capture_output=True).stdout) for name in names}
     finally:
         for name in created:
-            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-            subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
+            subprocess.run(["userdel", name], capture_output=True, check=False)
 
 
 @pytest.fixture

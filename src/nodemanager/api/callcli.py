@@ -173,6 +173,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return int(args.func(args))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

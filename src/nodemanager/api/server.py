@@ -42,15 +42,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ..core.errors import ConfigError, OperationFailed
 from .faults import to_fault
 from .identity import TRANSPORT_TCP, TRANSPORT_UNIX, PeerIdentity
 from .peercred import is_loopback, tcp_peer, unix_peer
 from .wire import (
-    MAX_HEAD_BYTES, HttpError, dump_fault, dump_response, error_response, parse_head,
-    parse_request, response_head,
+    MAX_HEAD_BYTES,
+    HttpError,
+    dump_fault,
+    dump_response,
+    error_response,
+    parse_head,
+    parse_request,
+    response_head,
 )
 
 try:  # optional accelerator; never a dependency
@@ -294,14 +300,14 @@ class ApiServer:
         future = asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
         try:
             future.result(grace + 5.0)
-        except Exception:  # noqa: BLE001 - stopping must not fail half-way
+        except Exception:  # stopping must not fail half-way
             logger.exception("event=api-stop-error")
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5.0)
         self._release()
         logger.info("event=api-stopped")
 
-    def __enter__(self) -> ApiServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -437,7 +443,7 @@ class ApiServer:
             writer.write(error_response(error))
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the client went away or was too slow: nothing to answer
-        except Exception:  # noqa: BLE001 - one connection's bug must not stop the server
+        except Exception:  # one connection's bug must not stop the server
             logger.exception("event=api-connection-error transport=%s", transport)
         finally:
             self._connections.discard(conn)
@@ -496,7 +502,7 @@ class ApiServer:
         if self._on_request is not None:
             try:
                 self._on_request(method, code, elapsed)
-            except Exception:  # noqa: BLE001 - a metrics hook must not break the call
+            except Exception:  # a metrics hook must not break the call
                 logger.exception("event=api-on-request-error")
         return payload
 

@@ -164,8 +164,8 @@ class DiskEnforcer:
         self.host.run(["truncate", "-s", f"{size}K", str(image)])
         self.host.run(["losetup", "-c", device])
         reason = online.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
-        return [f"sliver {name}: disk image not grown to {kib} KiB yet: online resize refused "
-                f"({reason[0]}) and the home is in use"]
+        return [(f"sliver {name}: disk image not grown to {kib} KiB yet: online resize refused "
+                 f"({reason[0]}) and the home is in use")]
 
     def _create_image(self, image: Path, uid: int, gid: int, kib: int) -> None:
         self.host.makedirs_owned(self.images_dir, 0, 0, 0o700)
@@ -206,9 +206,9 @@ class DiskEnforcer:
         device = self._loops().get(str(image))
         if device is not None:
             for target in self._targets(device):
-                if home is None or target == str(home) or target.startswith(str(self.images_dir)):
-                    if self.host.run(["umount", target], check=False).returncode != 0:
-                        self.host.run(["umount", "-l", target])
+                ours = home is None or target == str(home) or target.startswith(str(self.images_dir))
+                if ours and self.host.run(["umount", target], check=False).returncode != 0:
+                    self.host.run(["umount", "-l", target])
             leftover = self._loops().get(str(image))
             if leftover is not None:
                 self.host.run(["losetup", "-d", leftover], check=False)
