@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="apply removals held by the safety valve at the next sync")
 
     sub.add_parser("plan", help="print what a sync would do now, without doing it")
+    sub.add_parser("health", help="one line and exit 0 (ok) or 1 (unhealthy): daemon, store, last sync, API")
     status = sub.add_parser("status", help="print the slivers and the last sync's outcome")
     status.add_argument("--resources", action="store_true", help="also show effective resources")
 
@@ -195,14 +196,33 @@ def _clock():  # noqa: ANN202
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import render_status
+    from .status import render_resources, render_status
 
-    store = _open_store(_config(args))
+    config = _config(args)
+    store = _open_store(config)
     try:
         print(render_status(store))
+        if args.resources:
+            enforcement = None
+            if store.get_meta("backend") != "hollow" and config.slivers.backend != "hollow":
+                from .enforce.set import EnforcementSet
+                from .host import Host
+                from .logsetup import configure_logging
+
+                configure_logging(None, foreground=True, level=logging.ERROR)
+                enforcement = EnforcementSet.from_config(config, Host())
+            print(render_resources(store, enforcement, config.slivers.name_prefix))
     finally:
         store.close()
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from .health import check_health
+
+    report = check_health(_config(args))
+    print(report.line)
+    return report.exit_code
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -237,6 +257,7 @@ COMMANDS = {
     "sync": cmd_sync,
     "plan": cmd_plan,
     "status": cmd_status,
+    "health": cmd_health,
     "config": cmd_config,
     "authority": cmd_authority,
 }

@@ -22,6 +22,11 @@ from .backends.base import Backend
 from .clock import Clock, SystemClock
 from .config import Config
 from .core.errors import NodeManagerError, StoreError
+from .health import sd_notify
+from .metrics import NodeMetrics
+from .enforce.set import EnforcementSet
+from .enforcing import EnforcementHooks, EnforcementLoop
+from .host import Host
 from .operations import SliverOperations
 from .store import Store
 from .sync import META_BWCAP, Fetch, SyncOutcome, Syncer
@@ -76,16 +81,15 @@ def read_pid(path: Path) -> int | None:
         return None
 
 
-def build_backend(config: Config) -> Backend:
+def build_backend(config: Config, host: Host | None = None) -> Backend:
     """The backend named by ``slivers.backend``."""
     if config.slivers.backend == "hollow":
         from .backends.hollow import HollowBackend
 
         return HollowBackend()
     from .backends.account import AccountBackend
-    from .host import Host
 
-    return AccountBackend.from_config(config, Host())
+    return AccountBackend.from_config(config, host or Host())
 
 
 @dataclass
@@ -119,11 +123,13 @@ class NodeManager:
                 "and our marked accounts are adopted)", corrupt,
             )
             self.store.set_meta({META_ADOPT: "1"})
-        self.backend = overrides.backend or build_backend(config)
+        self.host = Host()
+        self.backend = overrides.backend or build_backend(config, self.host)
         if self.backend.kind == "hollow":
             logger.warning("event=hollow-backend note=records-only,no-accounts-are-created")
         self.store.set_meta({META_BACKEND: self.backend.kind})
         self._cap: int | None = None
+        self.enforcement = self._build_enforcement()
         self._read_cap()
         self.operations = SliverOperations(
             self.store,
@@ -133,6 +139,17 @@ class NodeManager:
             adopt_marked=self.store.get_meta(META_ADOPT) == "1",
         )
         self.pool = WorkerPool(config.slivers.workers)
+        self.enforcement_loop: EnforcementLoop | None = None
+        if self.enforcement is not None:
+            from .backends.account import AccountBackend
+
+            assert isinstance(self.backend, AccountBackend)
+            self.backend.hooks = EnforcementHooks(self.enforcement, self._node_cap, self.backend.account_name)
+            self.enforcement_loop = EnforcementLoop(
+                self.enforcement, self.store, home_of=self.backend.home_of, node_cap_kbps=self._node_cap,
+                account_of=self.backend.account_name,
+            )
+            self.operations.on_change = lambda name: self.enforcement_loop.poke()  # type: ignore[union-attr]
         fetch = overrides.fetch
         if fetch is None:
             fetch = AuthorityClient.from_config(config).fetch
@@ -146,9 +163,6 @@ class NodeManager:
             max_delete_fraction=config.sync.max_delete_fraction,
             confirm_after=config.sync.confirm_after,
         )
-        from .host import Host
-
-        self.host = Host()
         self.loan_hooks: list[Callable[[], None]] = []
         self.api = NodeManagerApi(
             store=self.store,
@@ -159,12 +173,13 @@ class NodeManager:
             tickets=overrides.tickets,
             on_loans_changed=self._loans_changed,
         )
+        self.metrics = NodeMetrics(store=self.store, queue_depth=self.pool.depth, backend=self.backend.kind)
         api = config.api
         self.api_server: ApiServer | None = None
         if api.tcp or api.unix_socket:
             self.api_server = ApiServer(
                 self.api.dispatch, tcp=api.tcp, unix_socket=api.unix_socket,
-                max_request_bytes=api.max_request_bytes,
+                max_request_bytes=api.max_request_bytes, on_request=self.metrics.api_request,
             )
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
@@ -176,10 +191,26 @@ class NodeManager:
 
     def _read_cap(self) -> None:
         raw = self.store.get_meta(META_BWCAP, "")
-        self._cap = int(raw) if raw.isdigit() else None
+        cap = int(raw) if raw.isdigit() else None
+        changed, self._cap = cap != self._cap, cap
+        if self.enforcement is not None:
+            self.enforcement.set_node_cap(cap)
+            if changed and getattr(self, "enforcement_loop", None) is not None:
+                self.enforcement_loop.poke()  # type: ignore[union-attr]
+
+    def _build_enforcement(self) -> EnforcementSet | None:
+        """Resource enforcement for real accounts; the hollow backend has nothing to enforce."""
+        if self.backend.kind != "account":
+            return None
+        enforcement = EnforcementSet.from_config(self.config, self.host)
+        for resource, mechanism in sorted(enforcement.describe().items()):
+            logger.info("event=enforcement resource=%s mechanism=%r", resource, mechanism)
+        return enforcement  # its problems() were logged as it was built
 
     def _loans_changed(self) -> None:
         """Loans changed through the API: effective RSpecs moved; enforcement follows now."""
+        if self.enforcement_loop is not None:
+            self.enforcement_loop.poke()
         for hook in self.loan_hooks:
             hook()
 
@@ -197,6 +228,7 @@ class NodeManager:
             allow_mass_delete=allow_mass_delete, wait=wait, before_submit=self._read_cap,
             retry_now=retry_now,
         )
+        self.metrics.sync_finished(outcome)
         if outcome.ok and self.syncer.authority_seen:
             self.store.set_meta({META_ADOPT: ""})
             self.operations.adopt_marked = False
@@ -220,12 +252,17 @@ class NodeManager:
         logger.info("event=daemon-started backend=%s workers=%d", self.backend.kind, self.pool.workers)
         try:
             self.start_api()
+            if self.enforcement_loop is not None:
+                self.enforcement_loop.start()
+            self.start_metrics()
+            sd_notify("READY=1")
             while not self.stop_event.is_set():
                 try:
                     outcome = self.sync_once(wait=False)
                     failures = 0 if outcome.ok else failures + 1
                 except StoreError as exc:
                     failures += 1
+                    self.metrics.sync_failed("store-error")
                     logger.error("event=sync-failed error=%s", exc)
                 if failures:
                     delay = min(float(a.poll_interval), FAILED_POLL_RETRY_S * 2 ** (failures - 1))
@@ -237,10 +274,22 @@ class NodeManager:
         finally:
             self.close()
 
+    def start_metrics(self) -> None:
+        """Serve the metrics on ``metrics.listen`` ("" disables). A port that cannot be bound is
+        logged loudly but does not stop the node: slivers matter more than their statistics."""
+        try:
+            self.metrics.start_http(self.config.metrics.listen)
+        except NodeManagerError as exc:
+            logger.error("event=metrics-unavailable error=%s", exc)
+
     def close(self) -> None:
         logger.info("event=daemon-stopping action=finishing-in-flight-operations")
+        sd_notify("STOPPING=1")
+        self.metrics.stop()
         if self.api_server is not None:
             self.api_server.stop()
+        if self.enforcement_loop is not None:
+            self.enforcement_loop.stop()
         self.pool.shutdown(cancel_pending=True)
         self.store.close()
         self.lock.release()

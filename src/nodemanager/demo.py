@@ -20,13 +20,10 @@ import time
 from pathlib import Path
 
 from .authority.server import AuthorityServer
-from .clock import SystemClock
 from .config import Config, parse_config
-from .daemon import NodeManager, build_backend
+from .daemon import NodeManager, Overrides
 from .logsetup import configure_logging
-from .operations import SliverOperations
 from .status import render_status
-from .store import Store
 
 DEMO_PREFIX = "demo"
 BANNER = "=" * 78
@@ -50,22 +47,25 @@ def demo_config(work: Path, authority_url: str, *, real: bool) -> Config:
             "name_prefix": DEMO_PREFIX,
             "stop_grace": 2,
         },
+        # CPU and memory cgroups are harmless on a workstation; shaping its uplink or mounting
+        # disk images is not what a demo should do (a real node enables them, the default).
+        "enforce": {"bandwidth": False, "disk": False},
     }, "demo")
 
 
 def remove_demo_accounts(config: Config) -> list[str]:
-    """Destroy every account the demo created (recorded as owned in its store)."""
-    store = Store(config.data_dir / "nodemanager.sqlite")
+    """Destroy every account the demo created (recorded as owned in its store), with everything
+    enforcement made for it (cgroups), through the same wiring as the daemon."""
+    manager = NodeManager(config, Overrides(fetch=lambda: (_ for _ in ()).throw(AssertionError())))
     try:
-        ops = SliverOperations(store, build_backend(config), SystemClock())
         removed = []
-        for name, state in store.accounts().items():
+        for name, state in manager.store.accounts().items():
             if state.owned:
-                ops.destroy(name)
+                manager.operations.destroy(name)
                 removed.append(name)
         return removed
     finally:
-        store.close()
+        manager.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundled authority: {url}  (data: {args.slices})")
     if real:
         print(f"backend: account — REAL Linux accounts named {DEMO_PREFIX}<slice>, removed on exit")
+        print("enforcement: cpu and memory cgroups (bandwidth and disk are off in the demo)")
     else:
         print("backend: HOLLOW — records only, no accounts are created (run as root for real accounts)")
     print(f"log: {work / 'nodemanager.log'}   Ctrl-C to stop")

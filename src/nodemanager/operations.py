@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 
 from .backends.base import Backend
@@ -61,6 +61,9 @@ class SliverOperations:
         #: After a corrupt store was set aside, accounts carrying our marker are adopted as ours
         #: (rebuilding ownership) instead of being reported as conflicts.
         self.adopt_marked = adopt_marked
+        #: Called with the sliver's name after an account was made to match or was removed
+        #: (the daemon pokes enforcement with it). Must be cheap and must not raise.
+        self.on_change: Callable[[str], None] = lambda name: None
 
     # --- helpers -------------------------------------------------------------------------
     def effective_rspec(self, name: str, own: Sliver | None = None) -> dict[str, int]:
@@ -168,6 +171,7 @@ class SliverOperations:
             replace(state, applied=sliver.fingerprint(), phase=phase, failures=0, last_error="", retry_at=0.0)
         )
         logger.info("sliver=%s event=configured", name)
+        self.on_change(name)
 
     def destroy(self, name: str) -> None:
         """Stop and remove the sliver's account if we own it; then forget the sliver."""
@@ -180,6 +184,7 @@ class SliverOperations:
             self.backend.destroy(name)
             logger.info("sliver=%s event=destroyed", name)
         self.store.finish_destroy(name)
+        self.on_change(name)
 
     def report_conflict(self, name: str, reason: str) -> None:
         """Record that the sliver's account is in a state we must not touch (with backoff)."""

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .core.records import AccountState, Phase, Sliver
 from .core.rspec import rspec_from_attributes
 from .store import Store
+
+if TYPE_CHECKING:
+    from .enforce.set import EnforcementSet
 
 COLUMNS = ("NAME", "INSTANTIATION", "UID", "STATE", "EXPIRES", "CPU", "NET MAX", "DISK")
 
@@ -100,3 +104,24 @@ def render_status(store: Store, now: float | None = None) -> str:
     rows = sliver_rows(store.slivers(), store.accounts(), now, cap)
     body = table(rows, COLUMNS) if rows else "(no slivers)"
     return "\n".join(head) + "\n\n" + body + f"\n\n{len(rows)} sliver(s)"
+
+
+def render_resources(store: Store, enforcement: EnforcementSet | None, name_prefix: str = "") -> str:
+    """``status --resources``: each sliver's effective RSpec beside what the kernel holds."""
+    from .enforce.report import resource_rows
+    from .enforcing import effective_targets, observed_by_sliver
+
+    cap_raw = store.get_meta("bwcap_kbps", "")
+    effective, uids = effective_targets(store, int(cap_raw) if cap_raw.isdigit() else None)
+    lines = ["", "resources (effective RSpec, after loans, beside the kernel's settings):"]
+    if enforcement is None:
+        lines.append("  no enforcement: the hollow backend creates nothing to enforce")
+        return "\n".join(lines)
+    for resource, mechanism in sorted(enforcement.describe().items()):
+        lines.append(f"  {resource:<10} {mechanism}")
+    for problem in enforcement.problems():
+        lines.append(f"  NOT ENFORCED: {problem}")
+    observed = observed_by_sliver(enforcement, uids, lambda name: name_prefix + name)
+    rows = resource_rows(effective, observed)
+    lines += ["", table(rows[1:], [h.upper() for h in rows[0]]) if len(rows) > 1 else "(no slivers)"]
+    return "\n".join(lines)

@@ -370,6 +370,29 @@ class Store:
         with self._transaction("write ticket mark", durable=True) as conn:
             conn.execute(_UPSERT_MARK, (slice_name, issued))
 
+    def redeem_ticket(self, sliver: Sliver, issued: int) -> bool:
+        """Store a verified ticket's record and its replay mark in ONE durable transaction.
+
+        Returns False and writes nothing when the slice's mark is already ``>= issued`` (checked
+        inside the transaction, so two deliveries of one ticket racing each other cannot both
+        win). A crash leaves either both written or neither: never a record without its mark
+        (which would let the same ticket be redeemed again) nor a mark without its record.
+        """
+        with self._converting(f"cannot store sliver record {sliver.name!r}"):
+            row = _sliver_row(sliver)
+        with self._lock:
+            with self._transaction("redeem ticket", durable=True) as conn:
+                mark = conn.execute(
+                    "SELECT issued FROM ticket_marks WHERE slice = ?", (sliver.name,)
+                ).fetchone()
+                if mark is not None and int(mark[0]) >= issued:
+                    return False
+                conn.execute(_UPSERT_SLIVER, row)
+                conn.execute(_UPSERT_MARK, (sliver.name, issued))
+            if self._sliver_cache is not None:
+                self._sliver_cache[sliver.name] = sliver
+        return True
+
     # --- status ---
     def counts(self) -> dict[str, int]:
         """Records per instantiation (``records.<instantiation>``) and account states per phase

@@ -55,6 +55,9 @@ class SyncOutcome:
     actions: list[Action] = field(default_factory=list)
     completions: dict[str, Completion] = field(default_factory=dict)
     duration_s: float = 0.0
+    #: How the cycle went, for metrics: "ok", "stale" (document older than held data),
+    #: "rejected" (garbage document) or "unavailable" (authority unreachable or faulted).
+    result: str = "ok"
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -177,7 +180,7 @@ class Syncer:
         except AuthorityError as exc:
             kind = "rejected" if isinstance(exc, DocumentRejected) else "unavailable"
             logger.error("event=authority-%s error=%s action=keeping-last-good-state", kind, exc)
-            outcome = SyncOutcome(ok=False, message=f"authority {kind}: {exc}")
+            outcome = SyncOutcome(ok=False, message=f"authority {kind}: {exc}", result=kind)
             fetched = None
         if fetched is not None:
             doc, protected = fetched
@@ -189,6 +192,7 @@ class Syncer:
                 message="ok" if merged is not None else "stale document ignored",
                 document_timestamp=doc.timestamp,
                 rejected=len(doc.rejected),
+                result="ok" if merged is not None else "stale",
             )
             if merged is not None:
                 records = self._persist(doc, merged, outcome)

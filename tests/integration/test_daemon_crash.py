@@ -75,6 +75,11 @@ home_root = "{home_root}"
 name_prefix = "{PREFIX}"
 workers = 4
 stop_grace = 1
+[enforce]
+cpu = false
+memory = false
+bandwidth = false
+disk = false
 """)
     yield doc, config, tmp_path
     cleanup()

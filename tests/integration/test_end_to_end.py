@@ -87,6 +87,8 @@ def node_config(tmp_path: Path, home_root: Path, url: str) -> Config:
         "api": {"tcp": "", "unix_socket": ""},
         "metrics": {"listen": ""},
         "slivers": {"home_root": str(home_root), "name_prefix": PREFIX, "stop_grace": 1},
+        # Enforcement has its own tests; these must not shape this machine's uplink.
+        "enforce": {"cpu": False, "memory": False, "bandwidth": False, "disk": False},
     })
 
 

@@ -4,6 +4,11 @@ The file (see ``examples/demo-slices.toml``)::
 
     [authority]                  # optional
     timestamp = "mtime"          # default: the file's modification time; or a fixed epoch (int)
+    key_file = ""                # ticket signing key (PEM, RSA); default "<data file>.key.pem"
+    cert_file = ""               # its self-signed certificate, given to nodes (authority.ticket_cert);
+                                 # default "<data file>.cert.pem". Relative paths: next to the data
+                                 # file. Both are generated on first use (the key with mode 0600).
+    ticket_lifetime = "1d"       # validity of issued tickets: seconds, or a number with s m h d w
 
     [[nodes]]
     id = 1                       # the node id the node manager holds in authority.node_id_file
@@ -25,6 +30,12 @@ The file (see ``examples/demo-slices.toml``)::
     [slices.attributes]          # slice tags, in order; a list repeats the tag (vsys = ["a", "b"])
     nm_cpu_share = 2             # ints become strings, as PLC sends them
 
+    [[users]]                    # people who may get tickets (GetSliceTicket)
+    name = "carol"               # the Username of PLCAPI's password auth struct
+    password_sha256 = "..."      # hex SHA-256 of the password (AuthString)
+    slices = ["site_ctrl"]       # slices carol belongs to: she may get tickets for each delegated
+                                 # slice among them and for each delegated slice they control
+
 Validation is complete and up front: an error names the slice (or node) and the field, e.g.
 ``slices[2] ('site_beta').expires: ...``, so a typo never reaches a node. Relative expiries count
 from the file's modification time, so an unchanged file yields byte-identical documents (nodes see
@@ -36,7 +47,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -50,6 +61,9 @@ XMLRPC_INT_MAX = 2**31 - 1
 #: Characters XML 1.0 cannot carry (nor XML-RPC, nor slices.xml): refused up front.
 _XML_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _RELATIVE = re.compile(r"\+([0-9]{1,9})([smhdw])")
+_DURATION = re.compile(r"\+?([0-9]{1,9})([smhdw]?)")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: Tags carried by dedicated fields; setting them as attributes would be ambiguous.
 _FIELD_TAGS = {"controller": "controller", "delegations": "controller", "initscript_code": "initscript"}
@@ -62,6 +76,9 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 class _AuthoritySettings(_Struct):
     timestamp: int | str = "mtime"
+    key_file: str = ""
+    cert_file: str = ""
+    ticket_lifetime: int | str = "1d"
 
 
 class _NodeSpec(_Struct):
@@ -87,10 +104,17 @@ class _SliceSpec(_Struct):
     attributes: dict[str, AttributeValue] = msgspec.field(default_factory=dict)
 
 
+class _UserSpec(_Struct):
+    name: str
+    password_sha256: str
+    slices: list[str] = msgspec.field(default_factory=list)
+
+
 class _AuthorityFile(_Struct):
     authority: _AuthoritySettings = msgspec.field(default_factory=_AuthoritySettings)
     nodes: list[_NodeSpec] = msgspec.field(default_factory=list)
     slices: list[_SliceSpec] = msgspec.field(default_factory=list)
+    users: list[_UserSpec] = msgspec.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +139,37 @@ class SliceEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class UserEntry:
+    """Someone who may ask for tickets: ``password_sha256`` is the hex digest of the password;
+    ``slices`` the slices the user belongs to."""
+
+    name: str
+    password_sha256: str
+    slices: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TicketSettings:
+    """Where the ticket signing key and certificate live (empty: next to the data file) and how
+    long an issued ticket is valid."""
+
+    key_file: str = ""
+    cert_file: str = ""
+    lifetime: int = 86400
+
+
+@dataclass(frozen=True, slots=True)
 class AuthorityData:
     """Everything the bundled authority serves, validated. ``timestamp`` stamps every document."""
 
     timestamp: int
     nodes: Mapping[int, NodeEntry]
     slices: tuple[SliceEntry, ...]
+    users: Mapping[str, UserEntry] = field(default_factory=dict)
+    tickets: TicketSettings = TicketSettings()
+
+    def slice(self, name: str) -> SliceEntry | None:
+        return next((entry for entry in self.slices if entry.name == name), None)
 
     @property
     def node_keys(self) -> dict[int, str]:
@@ -165,6 +214,21 @@ def _expires(value: int | str, base: int) -> int:
         raise ValueError(f"{value!r} is neither an epoch nor a relative time like '+30d'")
     result = base + int(match.group(1)) * _UNITS[match.group(2)]
     return min(result, XMLRPC_INT_MAX)
+
+
+def parse_duration(value: int | str) -> int:
+    """Seconds from an int, or from text like ``"3600"``, ``"12h"``, ``"+1d"`` (s m h d w);
+    ``ValueError`` otherwise. Used for ticket lifetimes (``ticket_lifetime``, ``--ttl``)."""
+    if isinstance(value, int):
+        seconds = value
+    else:
+        match = _DURATION.fullmatch(value.strip())
+        if not match:
+            raise ValueError(f"{value!r} is not a duration like '3600', '12h' or '1d'")
+        seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not 0 < seconds <= XMLRPC_INT_MAX:
+        raise ValueError(f"a duration must be between 1 and {XMLRPC_INT_MAX} seconds")
+    return seconds
 
 
 def _attributes(raw: Mapping[str, AttributeValue]) -> tuple[tuple[str, str], ...]:
@@ -270,7 +334,25 @@ def parse_authority_data(raw: Mapping[str, Any], *, timestamp: int, base_time: i
                 controller=item.controller,
             )
         )
-    return AuthorityData(timestamp=timestamp, nodes=nodes, slices=tuple(slices))
+    try:
+        lifetime = parse_duration(spec.authority.ticket_lifetime)
+    except ValueError as exc:
+        raise _fail(origin, "authority.ticket_lifetime", str(exc)) from exc
+    settings = TicketSettings(spec.authority.key_file, spec.authority.cert_file, lifetime)
+    users: dict[str, UserEntry] = {}
+    for index, user in enumerate(spec.users):
+        where = f"users[{index}] ({user.name!r})"
+        if not _USER_NAME.fullmatch(user.name):
+            raise _fail(origin, f"{where}.name", "must be 1-128 characters of letters, digits and _.@+-")
+        if user.name in users:
+            raise _fail(origin, f"{where}.name", "is given to more than one user")
+        if not _SHA256_HEX.fullmatch(user.password_sha256):
+            raise _fail(origin, f"{where}.password_sha256", "must be 64 lower-case hex digits")
+        unknown = sorted(set(user.slices) - set(by_name))
+        if unknown:
+            raise _fail(origin, f"{where}.slices", f"unknown slice(s) {unknown}")
+        users[user.name] = UserEntry(user.name, user.password_sha256, frozenset(user.slices))
+    return AuthorityData(timestamp=timestamp, nodes=nodes, slices=tuple(slices), users=users, tickets=settings)
 
 
 def load_authority_text(text: str, *, timestamp: int, base_time: int, origin: str) -> AuthorityData:
@@ -285,7 +367,9 @@ def load_authority_text(text: str, *, timestamp: int, base_time: int, origin: st
 # --------------------------------------------------------------------------- per-node documents
 
 
-def _sliver_attributes(entry: SliceEntry) -> list[tuple[str, str]]:
+def sliver_attributes(entry: SliceEntry) -> list[tuple[str, str]]:
+    """The slice's tags as nodes receive them: its attributes, then ``controller`` and
+    ``initscript_code`` from the dedicated fields."""
     extra = []
     if entry.controller:
         extra.append(("controller", entry.controller))
@@ -309,7 +393,7 @@ def getslivers_struct(data: AuthorityData, node_id: int) -> dict[str, Any]:
                 "instantiation": entry.instantiation,
                 "expires": entry.expires,
                 "keys": [{"key_type": "ssh", "key": key} for key in entry.keys],
-                "attributes": [{"tagname": tag, "value": value} for tag, value in _sliver_attributes(entry)],
+                "attributes": [{"tagname": tag, "value": value} for tag, value in sliver_attributes(entry)],
                 "GetSliceFamily": SLICE_FAMILY,
             }
             for entry in data.slices_for(node_id)
@@ -339,6 +423,6 @@ def slices_xml(data: AuthorityData, node_id: int) -> bytes:
         )
         for key in entry.keys:
             etree.SubElement(element, "key", type="ssh").text = key
-        for tag, value in _sliver_attributes(entry):
+        for tag, value in sliver_attributes(entry):
             etree.SubElement(element, "attribute", name=tag, value=value)
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)

@@ -3,9 +3,12 @@
 It serves, from a TOML data file (format in :mod:`.model` and ``examples/demo-slices.toml``):
 
 * ``POST /PLCAPI/`` -- XML-RPC. ``GetSlivers(auth)`` answers the GetSlivers struct of the node
-  that the HMAC BootAuth struct authenticates (bad auth -> Fault 108). Methods come from a table
-  name -> handler (:attr:`AuthorityServer.methods`); other features (e.g. ``GetSliceTicket``) plug
-  in with :meth:`AuthorityServer.register_method` without touching the transport.
+  that the HMAC BootAuth struct authenticates (bad auth -> Fault 108). ``GetSliceTicket(auth,
+  slice_name)`` answers a signed ticket for a delegated slice to a user of the data file's
+  ``[[users]]`` who authenticates with PLCAPI's password auth struct (:mod:`.issue`; the signing
+  key and certificate are :mod:`.signing`'s, generated on first use). Methods come from a table
+  name -> handler (:attr:`AuthorityServer.methods`); other features plug in with
+  :meth:`AuthorityServer.register_method` without touching the transport.
 * ``GET /slices.xml?node_id=N`` and ``GET /nodes/N/slices.xml`` -- the node's slices.xml. Like the
   original's slices.xml it is not authenticated: it holds public keys and resource settings only.
 
@@ -27,6 +30,7 @@ import os
 import re
 import socket
 import threading
+import time
 import xmlrpc.client
 from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +47,7 @@ from ..core.errors import (
     WrongArgumentCount,
 )
 from .auth import verify_hmac_auth
+from .issue import TicketIssuer, get_slice_ticket
 from .model import AuthorityData, getslivers_struct, load_authority_text, slices_xml
 from .parse import MIB, loads_xmlrpc_call
 
@@ -116,7 +121,7 @@ def get_slivers(server: AuthorityServer, params: Sequence[Any]) -> Any:
     return getslivers_struct(data, node_id)
 
 
-DEFAULT_METHODS: Mapping[str, MethodHandler] = {"GetSlivers": get_slivers}
+DEFAULT_METHODS: Mapping[str, MethodHandler] = {"GetSlivers": get_slivers, "GetSliceTicket": get_slice_ticket}
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -210,6 +215,10 @@ class AuthorityServer:
     ) -> None:
         self.config_path = Path(config_path)
         self.source = AuthorityDataFile(self.config_path)
+        #: Signs tickets; its key and certificate are loaded (or generated) on first use.
+        self.tickets = TicketIssuer(self.config_path)
+        #: Wall clock for ticket times (tests replace it).
+        self.clock: Callable[[], float] = time.time
         self.methods: dict[str, MethodHandler] = dict(DEFAULT_METHODS)
         self.methods.update(methods or {})
         self.host = host

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..core.errors import AccountConflict, BackendError
 from ..core.records import NM_CONTROLLER, ObservedAccount, Sliver, is_valid_name, validate_name
@@ -45,6 +45,22 @@ if TYPE_CHECKING:
     from ..config import Config
 
 logger = logging.getLogger(__name__)
+
+
+class AccountHooks(Protocol):
+    """What resource enforcement does at points of an account's life (see ``enforcing``)."""
+
+    def home_created(self, sliver: Sliver, uid: int, gid: int, home: Path) -> None:
+        """The empty home exists; nothing is written in it yet (a disk image mounts here)."""
+        ...
+
+    def start_cgroups(self, name: str) -> list[Path]:
+        """The cgroups that programs started for the sliver join (created if missing)."""
+        ...
+
+    def before_removal(self, name: str, uid: int) -> None:
+        """The sliver is stopped and its account about to go: remove its enforcement state."""
+        ...
 
 #: GECOS of every account this backend creates; ``observe`` reports it as ``managed_marker``.
 MANAGED_GECOS = "nodemanager sliver"
@@ -79,6 +95,7 @@ class AccountBackend:
         delegate_socket: str | None = None,
         forward_command: Sequence[str] | None = None,
         shells_file: Path = SHELLS_FILE,
+        hooks: AccountHooks | None = None,
     ) -> None:
         """``delegate_shell`` is where the wrapper for ``nm-controller`` accounts goes (None: no
         delegate accounts); ``delegate_socket`` the API socket it forwards to (default: ``api.sock``
@@ -102,6 +119,9 @@ class AccountBackend:
                 shells_file=shells_file,
             )
         self._warned_no_delegate = False
+        #: Resource enforcement's part in an account's life (disk image before the keys are
+        #: written, cgroups to start in, teardown before userdel); None: no enforcement.
+        self.hooks = hooks
 
     @classmethod
     def from_config(cls, config: Config, host: Host) -> AccountBackend:
@@ -169,6 +189,8 @@ class AccountBackend:
                     raise BackendError(f"useradd succeeded but account {account!r} does not exist")
                 self._refuse_root(name, entry)
                 self.host.makedirs_owned(home, entry.uid, entry.gid, 0o700)
+                if self.hooks is not None:
+                    self.hooks.home_created(sliver, entry.uid, entry.gid, home)
             except BackendError:
                 self._undo_create(name, account, home, home_existed)
                 raise
@@ -225,8 +247,10 @@ class AccountBackend:
             programs.extend([str(start_d / program)] for program in self.host.list_executables(start_d))
             env = {"HOME": str(home), "USER": entry.name, "LOGNAME": entry.name, "PATH": SLIVER_PATH,
                    "SHELL": self.shell}
+            cgroups = self.hooks.start_cgroups(name) if self.hooks is not None and programs else []
             for argv in programs:
                 self.host.spawn_detached(argv, uid=entry.uid, gid=entry.gid, home=home, env=env,
+                                         cgroups=cgroups,
                                          log_path=nm_dir / "start.log")
         logger.info("sliver=%s event=started programs=%d", name, len(programs))
 
@@ -249,6 +273,8 @@ class AccountBackend:
                 return
             self._refuse_root(name, entry)
             self._stop(name, entry.uid)
+            if self.hooks is not None:  # cgroups, classes, rules, the home's disk image
+                self.hooks.before_removal(name, entry.uid)
             # --remove only when the home is ours: an edited passwd entry must not aim it elsewhere.
             argv = ["userdel", "--remove", account] if entry.home == str(home) else ["userdel", account]
             result = self._account_command(argv, check=False)

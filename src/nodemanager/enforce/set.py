@@ -83,6 +83,12 @@ class EnforcementSet:
         return cls(enabled, tree=tree if any(x.name in ("cpu", "memory") for x in enabled) else None,
                    disk=disk, problems=problems)
 
+    def set_node_cap(self, kbit: int | None) -> None:
+        """The node's bandwidth cap from the latest authority document (None: no cap)."""
+        for enforcer in self.enforcers:
+            if isinstance(enforcer, BandwidthEnforcer):
+                enforcer.set_node_cap(kbit)
+
     def problems(self) -> list[str]:
         """Mechanisms that are off or unavailable, with reasons, plus the last apply's notes."""
         return self._problems + list(self.notes)

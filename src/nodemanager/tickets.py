@@ -1,0 +1,299 @@
+"""Redeeming tickets on the node (tickets.md): signxml verification, then the pure rules.
+
+:class:`TicketVerifier` implements the API's ``TicketRedeemer`` port. ``redeem`` runs, in order:
+
+1. the size cap (256 KiB), before anything parses the ticket;
+2. the hardened parse (``authority.safe_xml``: no DTD, no entities, no network; any DOCTYPE is
+   refused);
+3. signxml's ``XMLVerifier`` against the certificate configured on the node
+   (``authority.ticket_cert``) and nothing else: a key or certificate carried by the ticket itself
+   is never trusted. The signature must be a child of the root, have exactly one reference, that
+   reference must be ``URI=""`` (the whole document), and the algorithms are pinned to RSA-SHA256
+   and SHA-256. Ticket data is read ONLY from the ``signed_xml`` signxml returns: a subtree
+   rebuilt from the canonical bytes that were digested, so wrapped, commented or appended
+   elements that the signature does not cover are never seen;
+4. the rules of :func:`core.tickets.check_ticket` (expiry, skew, node, instantiation, name,
+   caller, replay, staleness);
+5. one durable store transaction writing the ticket-sourced record and the replay mark
+   (``Store.redeem_ticket``), which re-checks the mark inside the transaction;
+6. with ``tickets.create_on_redeem``, the account's creation, queued on the sliver's worker like
+   the API's ``Create`` (not awaited: the ticket is already accepted, and a failed creation is
+   retried by the sync loop because ``create_requested`` is recorded).
+
+Any failure in 1-5 is ``TicketRejected`` naming the reason, and nothing has changed.
+Redemptions are serialised by a lock: they are rare, and it keeps check-then-write simple.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from lxml import etree
+from signxml import DigestAlgorithm, SignatureConfiguration, SignatureMethod, XMLVerifier
+from signxml.exceptions import SignXMLException
+
+from .authority.parse import is_openssh_public_key, is_tag_name
+from .authority.safe_xml import parse_xml_safely
+from .clock import Clock
+from .core.authz import Caller
+from .core.errors import ConfigError, DocumentRejected, TicketRejected
+from .core.records import AccountState
+from .core.tickets import TicketData, check_ticket, ticket_sliver
+from .store import Store
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .operations import SliverOperations
+    from .workers import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+MAX_TICKET_BYTES = 256 * 1024
+DSIG_NS = "http://www.w3.org/2000/09/xmldsig#"
+#: Tags carried by dedicated ticket elements (or fields): as attributes they would be ambiguous.
+_RESERVED_TAGS = frozenset({"controller", "delegations"})
+_MAX_INT = 2**63 - 1
+
+_EXPECT = SignatureConfiguration(
+    location="./",
+    expect_references=1,
+    signature_methods=frozenset({SignatureMethod.RSA_SHA256}),
+    digest_algorithms=frozenset({DigestAlgorithm.SHA256}),
+)
+
+
+def load_ticket_certificate(path: Path) -> x509.Certificate:
+    """The authority's certificate (PEM) from ``path``; ``ConfigError`` if unreadable or not one."""
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"authority.ticket_cert {path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"authority.ticket_cert {path}: not a PEM X.509 certificate: {exc}") from exc
+
+
+class NodeIdFile:
+    """This node's id from ``authority.node_id_file``, read on first use and then kept (a
+    failure is not cached: a node id written later is picked up)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._value: int | None = None
+
+    def __call__(self) -> int:
+        if self._value is None:
+            try:
+                text = self.path.read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TicketRejected(f"this node's id is unknown ({self.path}: {exc})") from exc
+            if not (text.isdigit() and 0 < int(text) <= _MAX_INT):
+                raise TicketRejected(f"this node's id is unknown ({self.path} holds no positive integer)")
+            self._value = int(text)
+        return self._value
+
+
+def _int(element: Any, attribute: str, where: str) -> int:
+    raw = element.get(attribute)
+    if raw is None:
+        raise TicketRejected(f"malformed: {where} has no {attribute!r}")
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise TicketRejected(f"malformed: {where} {attribute}={raw[:30]!r} is not a non-negative integer")
+    return int(text)
+
+
+def _no_text(element: Any, where: str) -> None:
+    if (element.text or "").strip() or len(element):
+        raise TicketRejected(f"malformed: {where} must be empty")
+
+
+def ticket_data(root: Any) -> TicketData:
+    """Extract :class:`TicketData` from the signed ``<ticket>`` element; anything unexpected
+    (unknown or repeated elements, bad numbers, bad keys or tag names) is ``TicketRejected``."""
+    if not isinstance(root.tag, str) or root.tag != "ticket":
+        raise TicketRejected(f"malformed: the signed element is <{root.tag}>, not <ticket>")
+    ticket_id = root.get("id", "")
+    issued, expires = _int(root, "issued", "<ticket>"), _int(root, "expires", "<ticket>")
+    children = [c for c in root if isinstance(c.tag, str)]
+    if len(children) != 1 or children[0].tag != "slice":
+        raise TicketRejected("malformed: <ticket> must hold exactly one <slice> (and its signature)")
+    element = children[0]
+    slice_name = element.get("name", "")
+    slice_id = _int(element, "id", "<slice>")
+    slice_expires = _int(element, "expires", "<slice>")
+    controllers: list[str] = []
+    nodes: list[int] = []
+    keys: list[str] = []
+    attributes: list[tuple[str, str]] = []
+    for child in element:
+        if not isinstance(child.tag, str):
+            continue
+        if child.tag == "controller":
+            controllers.append((child.text or "").strip())
+        elif child.tag == "node":
+            _no_text(child, "<node>")
+            nodes.append(_int(child, "id", "<node>"))
+        elif child.tag == "key":
+            key = (child.text or "").strip()
+            if child.get("type") != "ssh" or len(child) or not is_openssh_public_key(key):
+                raise TicketRejected(f"malformed: <key> is not an ssh key: {key[:40]!r}")
+            keys.append(key)
+        elif child.tag == "attribute":
+            _no_text(child, "<attribute>")
+            tag, value = child.get("name"), child.get("value")
+            if tag is None or value is None or not is_tag_name(tag) or tag in _RESERVED_TAGS:
+                raise TicketRejected(f"malformed: <attribute name={str(tag)[:40]!r}> is not acceptable")
+            attributes.append((tag, value))
+        else:
+            raise TicketRejected(f"malformed: unexpected <{child.tag}> in <slice>")
+    if len(controllers) != 1:
+        raise TicketRejected("malformed: <slice> must name exactly one <controller>")
+    if not nodes:
+        raise TicketRejected("malformed: <slice> lists no <node>")
+    initscript = next((value for tag, value in attributes if tag == "initscript_code"), "")
+    return TicketData(
+        ticket_id=ticket_id,
+        issued=issued,
+        expires=expires,
+        slice_name=slice_name,
+        slice_id=slice_id,
+        instantiation=element.get("instantiation", ""),
+        slice_expires=slice_expires,
+        controller=controllers[0],
+        node_ids=tuple(nodes),
+        keys=tuple(keys),
+        attributes=tuple(attributes),
+        initscript=initscript,
+    )
+
+
+def verify_ticket(ticket: str | bytes, certificate: x509.Certificate) -> TicketData:
+    """Steps 1-3 of the module docstring: the ticket's data, read only from what ``certificate``'s
+    key signed. Raises ``TicketRejected``."""
+    too_large = f"too large: a ticket may have at most {MAX_TICKET_BYTES} bytes"
+    if len(ticket) > MAX_TICKET_BYTES:  # characters <= bytes: no need to encode a huge string
+        raise TicketRejected(too_large)
+    try:
+        body = ticket.encode("utf-8") if isinstance(ticket, str) else bytes(ticket)
+    except UnicodeEncodeError as exc:
+        raise TicketRejected(f"malformed: not encodable as UTF-8: {exc.reason}") from None
+    if len(body) > MAX_TICKET_BYTES:
+        raise TicketRejected(too_large)
+    try:
+        parse_xml_safely(body, max_bytes=MAX_TICKET_BYTES, what="ticket")
+    except DocumentRejected as exc:
+        raise TicketRejected(f"malformed: {exc}") from None
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+    try:
+        result = XMLVerifier().verify(body, x509_cert=certificate, parser=parser, expect_config=_EXPECT)
+    except (SignXMLException, etree.LxmlError, ValueError) as exc:
+        raise TicketRejected(f"bad signature: {str(exc)[:200] or type(exc).__name__}") from None
+    references = result.signature_xml.findall(f"{{{DSIG_NS}}}SignedInfo/{{{DSIG_NS}}}Reference")
+    if len(references) != 1 or references[0].get("URI") != "":
+        raise TicketRejected('bad signature: the signed reference must be URI="" (the whole ticket)')
+    if result.signed_xml is None:
+        raise TicketRejected("malformed: the signed data is not an XML element")
+    return ticket_data(result.signed_xml)
+
+
+class TicketVerifier:
+    """The node's ``TicketRedeemer`` (see the module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        certificate: x509.Certificate,
+        node_id: Callable[[], int],
+        store: Store,
+        clock: Clock,
+        max_clock_skew: int = 300,
+        create_on_redeem: bool = False,
+        operations: SliverOperations | None = None,
+        pool: WorkerPool | None = None,
+    ) -> None:
+        if create_on_redeem and (operations is None or pool is None):
+            raise ValueError("create_on_redeem needs the operations and the worker pool")
+        self.certificate = certificate
+        self.node_id = node_id
+        self.store = store
+        self.clock = clock
+        self.max_clock_skew = max_clock_skew
+        self.create_on_redeem = create_on_redeem
+        self.operations = operations
+        self.pool = pool
+        self._lock = threading.Lock()
+
+    def redeem(self, ticket: str, caller: Caller) -> str:
+        """Verify ``ticket`` for ``caller``, store the delegated sliver it grants, and return its
+        name; ``TicketRejected`` (nothing changed) otherwise. Callable from any thread."""
+        data = verify_ticket(ticket, self.certificate)
+        with self._lock:
+            name = data.slice_name
+            check_ticket(
+                data,
+                now=int(self.clock.now()),
+                max_clock_skew=self.max_clock_skew,
+                node_id=self.node_id(),
+                caller=caller,
+                last_issued=self.store.ticket_mark(name),
+                existing=self.store.sliver(name),
+            )
+            record = ticket_sliver(data)
+            if not self.store.redeem_ticket(record, data.issued):
+                raise TicketRejected(f"replay: a ticket for {name} at least as new was accepted meanwhile")
+        logger.info(
+            "sliver=%s event=ticket-accepted ticket=%s issued=%d expires=%d controller=%s",
+            name, data.ticket_id[:64], data.issued, record.expires, data.controller,
+        )
+        if self.create_on_redeem:
+            self._create(name)
+        return name
+
+    def _create(self, name: str) -> None:
+        """Queue the account's creation on the sliver's worker, as ``Create`` does."""
+        assert self.operations is not None and self.pool is not None
+        operations, store = self.operations, self.store
+
+        def job() -> None:
+            current = store.sliver(name)
+            if current is None:  # destroyed while the job waited its turn
+                return
+            state = store.account(name) or AccountState(name=name)
+            if not state.create_requested:
+                store.put_account(replace(state, create_requested=True))
+            operations.ensure(current, start=False)
+
+        self.pool.submit(name, "create", job)
+
+
+def ticket_redeemer_from_config(
+    config: Config,
+    *,
+    store: Store,
+    operations: SliverOperations,
+    pool: WorkerPool,
+    clock: Clock,
+) -> TicketVerifier | None:
+    """The daemon's ticket port, or None (logged) when ``authority.ticket_cert`` does not exist:
+    the API then answers ``Ticket`` with "tickets not configured". A certificate file that exists
+    but cannot be read or parsed is a ``ConfigError``: a typo must not silently disable tickets."""
+    path = Path(config.authority.ticket_cert)
+    if not config.authority.ticket_cert or not path.exists():
+        logger.warning("event=tickets-disabled reason=no-authority-certificate path=%s", path)
+        return None
+    return TicketVerifier(
+        certificate=load_ticket_certificate(path),
+        node_id=NodeIdFile(Path(config.authority.node_id_file)),
+        store=store,
+        clock=clock,
+        max_clock_skew=config.tickets.max_clock_skew,
+        create_on_redeem=config.tickets.create_on_redeem,
+        operations=operations,
+        pool=pool,
+    )
