@@ -240,7 +240,7 @@ def ours(dispatch: Callable[..., Any], directory: Path) -> Iterator[dict[str, st
     server.start()
     try:
         assert server.tcp_address is not None
-        yield {"unix": str(server.unix_path), "tcp": "%s:%d" % server.tcp_address}
+        yield {"unix": str(server.unix_path), "tcp": "{}:{}".format(*server.tcp_address)}
     finally:
         server.stop()
 
@@ -248,7 +248,11 @@ def ours(dispatch: Callable[..., Any], directory: Path) -> Iterator[dict[str, st
 @contextmanager
 def stdlib(dispatch: Callable[..., Any], directory: Path) -> Iterator[dict[str, str]]:
     import socketserver
-    from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
+    from xmlrpc.server import (
+        SimpleXMLRPCDispatcher,
+        SimpleXMLRPCRequestHandler,
+        SimpleXMLRPCServer,
+    )
 
     from nodemanager.api.identity import PeerIdentity
 
@@ -286,7 +290,7 @@ def stdlib(dispatch: Callable[..., Any], directory: Path) -> Iterator[dict[str, 
         thread.start()
         threads.append(thread)
     try:
-        yield {"unix": str(directory / "stdlib.sock"), "tcp": "127.0.0.1:%d" % tcp.server_address[1]}
+        yield {"unix": str(directory / "stdlib.sock"), "tcp": f"127.0.0.1:{tcp.server_address[1]}"}
     finally:
         for server in (unix, tcp):
             server.shutdown()

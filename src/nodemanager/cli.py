@@ -6,7 +6,8 @@
     nodemanager [-c CONFIG] status                   slivers table and last sync outcome
     nodemanager [-c CONFIG] config show              the effective configuration (TOML)
     nodemanager [-c CONFIG] call METHOD [ARGS...]    call the API (local socket, --tcp, --ssh)
-    nodemanager authority serve --data FILE [--listen HOST:PORT]
+    nodemanager authority serve --data FILE [--listen HOST:PORT] [--export-cert PATH]
+    nodemanager authority ticket SLICE --data FILE [--node N]... [--ttl DURATION]
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = authority_sub.add_parser("serve", help="serve GetSlivers and slices.xml from a TOML file")
     serve.add_argument("--data", type=Path, required=True, help="TOML file of nodes and slices")
     serve.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
+    from .authority.ticketcli import add_export_cert_option, add_ticket_parser
+
+    add_export_cert_option(serve)
+    add_ticket_parser(authority_sub)
     return parser
 
 
@@ -231,10 +236,18 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_authority(args: argparse.Namespace) -> int:
+    if args.authority_command == "ticket":
+        from .authority.ticketcli import cmd_authority_ticket
+
+        return cmd_authority_ticket(args)
     from .authority.server import serve
+    from .authority.signing import export_certificate
     from .logsetup import configure_logging
 
     configure_logging(None, foreground=True)
+    if args.export_cert is not None:
+        export_certificate(args.data, args.export_cert)
+        print(f"ticket-signing certificate written to {args.export_cert}", file=sys.stderr)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen must be HOST:PORT, not {args.listen!r}")

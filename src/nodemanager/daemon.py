@@ -29,6 +29,7 @@ from .enforcing import EnforcementHooks, EnforcementLoop
 from .host import Host
 from .operations import SliverOperations
 from .store import Store
+from .tickets import ticket_redeemer_from_config
 from .sync import META_BWCAP, Fetch, SyncOutcome, Syncer
 from .workers import WorkerPool
 
@@ -55,8 +56,11 @@ class DataDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # e.g. a read-only or full data directory: say so, no traceback
+            raise StoreError(f"cannot take the lock {self.path}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -170,7 +174,9 @@ class NodeManager:
             operations=self.operations,
             resolve_caller=caller_resolver(self.store, self.host.getpwuid),
             node_cap_kbps=self._node_cap,
-            tickets=overrides.tickets,
+            tickets=overrides.tickets or ticket_redeemer_from_config(
+                config, store=self.store, operations=self.operations, pool=self.pool, clock=self.clock
+            ),
             on_loans_changed=self._loans_changed,
         )
         self.metrics = NodeMetrics(store=self.store, queue_depth=self.pool.depth, backend=self.backend.kind)

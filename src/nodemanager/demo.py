@@ -1,10 +1,10 @@
 """``make demo``: the bundled authority and the daemon against it, on this machine.
 
-Starts the bundled authority on a loopback port with ``examples/demo-slices.toml``, writes a node
-identity and configuration under ``.demo/``, runs the daemon and prints the status table after
+Starts the bundled authority on a loopback port with a copy of ``examples/demo-slices.toml`` in
+``.demo/slices.toml`` (and its ticket-signing key), writes a node identity and configuration there, runs the daemon and prints the status table after
 every sync, until Ctrl-C (or ``--seconds``). As root it creates real accounts named
 ``demo<slice>`` and removes them on exit; otherwise it uses the hollow backend and says so.
-Edit the slices file while it runs: the next poll (every ~15 s) shows the change.
+Edit ``.demo/slices.toml`` while it runs: the next poll (every ~15 s) shows the change.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .authority.server import AuthorityServer
+from .authority.signing import export_certificate
 from .config import Config, parse_config
 from .daemon import NodeManager, Overrides
 from .logsetup import configure_logging
@@ -36,6 +37,7 @@ def demo_config(work: Path, authority_url: str, *, real: bool) -> Config:
             "url": authority_url,
             "node_id_file": str(work / "node_id"),
             "node_key_file": str(work / "node_key"),
+            "ticket_cert": str(work / "authority.pem"),
             "poll_interval": 15,
             "poll_jitter": 5,
             "timeout": 10,
@@ -89,12 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work / "node_key", 0o600)
 
     configure_logging(str(work / "nodemanager.log"), foreground=False)
-    authority = AuthorityServer(args.slices.resolve(), "127.0.0.1", 0)
+    # The authority serves a copy, so its signing key is generated in .demo/, not in examples/.
+    slices = work / "slices.toml"
+    shutil.copyfile(args.slices, slices)
+    export_certificate(slices, work / "authority.pem")
+    authority = AuthorityServer(slices, "127.0.0.1", 0)
     port = authority.start()
     url = f"http://127.0.0.1:{port}/PLCAPI/"
     config = demo_config(work, url, real=real)
     print(BANNER)
-    print(f"bundled authority: {url}  (data: {args.slices})")
+    print(f"bundled authority: {url}  (data: {slices}: edit it, the next poll shows the change)")
     if real:
         print(f"backend: account — REAL Linux accounts named {DEMO_PREFIX}<slice>, removed on exit")
         print("enforcement: cpu and memory cgroups (bandwidth and disk are off in the demo)")
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print("backend: HOLLOW — records only, no accounts are created (run as root for real accounts)")
     print(f"log: {work / 'nodemanager.log'}   Ctrl-C to stop")
     print(f"API: .venv/bin/nodemanager call --socket {work / 'api.sock'} GetXIDs")
+    print(f"tickets: .venv/bin/nodemanager authority ticket demo_deleg --data {slices}")
     print(BANNER, flush=True)
 
     manager = NodeManager(config)

@@ -99,6 +99,9 @@ class Store:
         self._sliver_cache: dict[str, Sliver] | None = None
         self._account_cache: dict[str, AccountState] | None = None
         self._loan_cache: dict[str, tuple[Loan, ...]] | None = None
+        #: Held by every read-decide-write of sliver records by different writers (a sync's
+        #: merge, a ticket's redemption), so neither decides on records the other is changing.
+        self.records_lock = threading.RLock()
 
     @classmethod
     def open_or_quarantine(cls, path: Path) -> tuple[Store, str | None]:

@@ -8,10 +8,11 @@
 3. signxml's ``XMLVerifier`` against the certificate configured on the node
    (``authority.ticket_cert``) and nothing else: a key or certificate carried by the ticket itself
    is never trusted. The signature must be a child of the root, have exactly one reference, that
-   reference must be ``URI=""`` (the whole document), and the algorithms are pinned to RSA-SHA256
-   and SHA-256. Ticket data is read ONLY from the ``signed_xml`` signxml returns: a subtree
-   rebuilt from the canonical bytes that were digested, so wrapped, commented or appended
-   elements that the signature does not cover are never seen;
+   reference must be ``URI=""`` (the whole document), the signature holds nothing but SignedInfo,
+   SignatureValue and KeyInfo, and the algorithms are pinned to RSA-SHA256 and SHA-256. Ticket
+   data is read ONLY from the ``signed_xml`` signxml returns: a subtree rebuilt from the canonical
+   bytes that were digested, so wrapped, commented or appended elements that the signature does
+   not cover are never seen;
 4. the rules of :func:`core.tickets.check_ticket` (expiry, skew, node, instantiation, name,
    caller, replay, staleness);
 5. one durable store transaction writing the ticket-sourced record and the replay mark
@@ -35,8 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from lxml import etree
-from signxml import DigestAlgorithm, SignatureConfiguration, SignatureMethod, XMLVerifier
-from signxml.exceptions import SignXMLException
+from signxml import (
+    DigestAlgorithm,
+    SignatureConfiguration,
+    SignatureMethod,
+    XMLVerifier,
+)
+from signxml.exceptions import InvalidSignature, SignXMLException
 
 from .authority.parse import is_openssh_public_key, is_tag_name
 from .authority.safe_xml import parse_xml_safely
@@ -59,6 +65,8 @@ DSIG_NS = "http://www.w3.org/2000/09/xmldsig#"
 #: Tags carried by dedicated ticket elements (or fields): as attributes they would be ambiguous.
 _RESERVED_TAGS = frozenset({"controller", "delegations"})
 _MAX_INT = 2**63 - 1
+#: The elements a ticket's signature may hold; any other (ds:Object, ...) is refused.
+_SIGNATURE_PARTS = frozenset(f"{{{DSIG_NS}}}{part}" for part in ("SignedInfo", "SignatureValue", "KeyInfo"))
 
 _EXPECT = SignatureConfiguration(
     location="./",
@@ -192,8 +200,15 @@ def verify_ticket(ticket: str | bytes, certificate: x509.Certificate) -> TicketD
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
     try:
         result = XMLVerifier().verify(body, x509_cert=certificate, parser=parser, expect_config=_EXPECT)
+    except InvalidSignature as exc:
+        if "verification failed" not in str(exc):
+            raise TicketRejected(f"bad signature: {str(exc)[:200]}") from None
+        raise TicketRejected("bad signature: not signed with the authority's key") from None
     except (SignXMLException, etree.LxmlError, ValueError) as exc:
         raise TicketRejected(f"bad signature: {str(exc)[:200] or type(exc).__name__}") from None
+    extra = [c.tag for c in result.signature_xml if isinstance(c.tag, str) and c.tag not in _SIGNATURE_PARTS]
+    if extra:  # e.g. a ds:Object smuggling a second <slice> past the enveloped-signature transform
+        raise TicketRejected(f"bad signature: unexpected content in the signature: {str(extra[0])[:80]}")
     references = result.signature_xml.findall(f"{{{DSIG_NS}}}SignedInfo/{{{DSIG_NS}}}Reference")
     if len(references) != 1 or references[0].get("URI") != "":
         raise TicketRejected('bad signature: the signed reference must be URI="" (the whole ticket)')
@@ -233,7 +248,7 @@ class TicketVerifier:
         """Verify ``ticket`` for ``caller``, store the delegated sliver it grants, and return its
         name; ``TicketRejected`` (nothing changed) otherwise. Callable from any thread."""
         data = verify_ticket(ticket, self.certificate)
-        with self._lock:
+        with self._lock, self.store.records_lock:
             name = data.slice_name
             check_ticket(
                 data,

@@ -19,6 +19,7 @@ import threading
 import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,14 @@ import pytest
 
 from nodemanager.api.identity import TRANSPORT_TCP, TRANSPORT_UNIX, PeerIdentity
 from nodemanager.api.server import ApiServer, parse_tcp_address
+from nodemanager.api.wire import (
+    HttpError,
+    RequestHead,
+    dump_fault,
+    dump_response,
+    parse_head,
+    parse_request,
+)
 from nodemanager.core import errors
 
 IS_ROOT = os.geteuid() == 0
@@ -566,3 +575,63 @@ def test_each_account_is_identified_over_both_transports(
             )
             assert done.returncode == 0, done.stderr
             assert int(done.stdout) == user.pw_uid, (user.pw_name, kind)
+
+
+# --- wire: request bodies and heads, without a socket -----------------------------------------
+def test_parse_request_decodes_every_xmlrpc_type() -> None:
+    stamp = datetime(2024, 5, 6, 7, 8, 9)
+    body = xmlrpc.client.dumps(
+        (1, -(2**31), True, 2.5, "s", xmlrpc.client.Binary(b"\x00\xffdata" * 30), xmlrpc.client.DateTime(stamp),
+         [1, [2]], {"k": {"n": 1}}),
+        "Method.name",
+    ).encode()
+    method, params = parse_request(body)
+    assert method == "Method.name"
+    assert params == (1, -(2**31), True, 2.5, "s", b"\x00\xffdata" * 30, stamp, [1, [2]], {"k": {"n": 1}})
+
+
+def test_parse_request_without_params() -> None:
+    assert parse_request(b"<methodCall><methodName>Help</methodName></methodCall>") == ("Help", ())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<methodCall><methodName></methodName></methodCall>",
+        b"<methodCall><methodName>two words</methodName></methodCall>",
+        b"<methodCall><methodName>" + b"a" * 200 + b"</methodName></methodCall>",
+        (
+            b"<methodCall><methodName>x</methodName><params><param><value><bigdecimal>1.5</bigdecimal>"
+            b"</value></param></params></methodCall>"
+        ),
+    ],
+    ids=["empty-name", "space-in-name", "long-name", "bigdecimal"],
+)
+def test_parse_request_rejects_bad_names_and_types(body: bytes) -> None:
+    with pytest.raises(errors.InvalidArgument, match="^malformed XML-RPC request: "):
+        parse_request(body)
+
+
+def test_responses_are_utf8_xmlrpc() -> None:
+    assert xmlrpc.client.loads(dump_response({"naïve": 1})) == (({"naïve": 1},), None)
+    with pytest.raises(xmlrpc.client.Fault) as caught:
+        xmlrpc.client.loads(dump_fault(xmlrpc.client.Fault(108, "no")))
+    assert caught.value.faultCode == 108
+    with pytest.raises(TypeError):
+        dump_response(None)
+
+
+def test_parse_head_keep_alive_rules() -> None:
+    def head(version: str, extra: str = "") -> RequestHead:
+        raw = f"POST /RPC2 {version}\r\nContent-Length: 5\r\n{extra}\r\n".encode()
+        return parse_head(raw, max_body=10)
+
+    assert head("HTTP/1.1").keep_alive and head("HTTP/1.1").http11
+    assert not head("HTTP/1.1", "Connection: Close\r\n").keep_alive
+    assert not head("HTTP/1.0").keep_alive
+    assert head("HTTP/1.0", "Connection: Keep-Alive\r\n").keep_alive
+    assert head("HTTP/1.1", "Expect: 100-continue\r\n").expect_continue
+    assert head("HTTP/1.1").content_length == 5
+    with pytest.raises(HttpError) as caught:
+        parse_head(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", max_body=10)
+    assert caught.value.status == 413

@@ -30,9 +30,21 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from ..core.errors import ConfigError, InvalidArgument, NotAllowedForSliver, PermissionDenied, WrongArgumentCount
+from ..core.errors import (
+    ConfigError,
+    InvalidArgument,
+    NotAllowedForSliver,
+    PermissionDenied,
+    WrongArgumentCount,
+)
 from ..core.records import DELEGATED
-from .model import XMLRPC_INT_MAX, AuthorityData, SliceEntry, UserEntry, sliver_attributes
+from .model import (
+    XMLRPC_INT_MAX,
+    AuthorityData,
+    SliceEntry,
+    UserEntry,
+    sliver_attributes,
+)
 from .signing import SigningIdentity, identity_for, sign_document
 
 if TYPE_CHECKING:

@@ -34,7 +34,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from lxml import etree
-from signxml import CanonicalizationMethod, DigestAlgorithm, SignatureConstructionMethod, SignatureMethod, XMLSigner
+from signxml import (
+    CanonicalizationMethod,
+    DigestAlgorithm,
+    SignatureConstructionMethod,
+    SignatureMethod,
+    XMLSigner,
+)
 
 from ..core.errors import ConfigError
 from .model import TicketSettings
@@ -46,6 +52,8 @@ CERT_VALIDITY = datetime.timedelta(days=20 * 365)
 COMMON_NAME = "nodemanager bundled authority"
 KEY_SUFFIX = ".key.pem"
 CERT_SUFFIX = ".cert.pem"
+#: Settings of a data file that names no key or certificate paths.
+DEFAULT_SETTINGS = TicketSettings()
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class SigningIdentity:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def identity_paths(data_path: Path, settings: TicketSettings = TicketSettings()) -> tuple[Path, Path]:
+def identity_paths(data_path: Path, settings: TicketSettings = DEFAULT_SETTINGS) -> tuple[Path, Path]:
     """Where the key and certificate of the authority whose data file is ``data_path`` live."""
     data_path = Path(data_path)
 
@@ -158,7 +166,7 @@ def load_or_create_identity(key_path: Path, cert_path: Path) -> SigningIdentity:
                 logger.info("event=authority-key-generated path=%s bits=%d", key_path, KEY_BITS)
         key = _load_key(key_path)
         if not cert_path.exists():
-            certificate = _new_certificate(key, datetime.datetime.now(datetime.timezone.utc))
+            certificate = _new_certificate(key, datetime.datetime.now(datetime.UTC))
             if publish_file(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644, exclusive=True):
                 logger.info("event=authority-certificate-generated path=%s", cert_path)
         try:
@@ -172,7 +180,7 @@ def load_or_create_identity(key_path: Path, cert_path: Path) -> SigningIdentity:
     return SigningIdentity(key, certificate, key_path, cert_path)
 
 
-def identity_for(data_path: Path, settings: TicketSettings = TicketSettings()) -> SigningIdentity:
+def identity_for(data_path: Path, settings: TicketSettings = DEFAULT_SETTINGS) -> SigningIdentity:
     """The signing identity of the authority whose data file is ``data_path``."""
     return load_or_create_identity(*identity_paths(data_path, settings))
 

@@ -23,12 +23,14 @@ from typing import TextIO
 from ..core.errors import ConfigError
 from .issue import TicketIssuer
 from .model import load_authority_text, parse_duration
-from .signing import publish_file, export_certificate
+from .signing import export_certificate, publish_file
 
 __all__ = ["add_export_cert_option", "add_ticket_parser", "cmd_authority_ticket", "export_certificate"]
 
 
-def add_ticket_parser(authority_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_ticket_parser(
+    authority_subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """Register ``authority ticket`` on the ``authority`` command's subparsers."""
     parser = authority_subparsers.add_parser(
         "ticket", help="print a signed ticket for a delegated slice",
