@@ -24,5 +24,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
+# The fuzz targets also run in `make test` with the short "ci" profile (seconds); this is the
+# long run: thousands of examples per target (a few minutes).
+fuzz: $(STAMP)
+	$(PY) -m pytest -q tests/fuzz -p no:cacheprovider --hypothesis-profile=long
+
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis

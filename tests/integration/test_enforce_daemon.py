@@ -122,7 +122,8 @@ def test_sync_loans_and_removal_drive_the_kernel(manager, capsys: pytest.Capture
     nm, doc = manager
     assert nm.sync_once().ok
     uid_a = pwd.getpwnam(PREFIX + "site_a").pw_uid
-    unit = 1024 if any((d / "cpu.shares").exists() for d in groups(nm, "site_a")) else 100
+    cpu_hierarchy = nm.enforcement.tree.hierarchy_for("cpu")  # type: ignore[union-attr]
+    unit = 1024 if cpu_hierarchy.version == 1 else 100  # resources.md: v1 shares, v2 weight
     assert wait_for(lambda: cpu_value(nm, "site_a") == 3 * unit and cpu_value(nm, "site_b") == unit), \
         (cpu_value(nm, "site_a"), cpu_value(nm, "site_b"))
     assert wait_for(lambda: tc_classes(VETH).count("class htb") >= 4), tc_classes(VETH)
