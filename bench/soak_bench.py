@@ -64,8 +64,9 @@ def rss_mb() -> float:
 
 
 # --------------------------------------------------------------------------- a client process
-def client_main(socket_path: str, threads: int, seconds: float, methods: list[str]) -> int:
-    """Run ``threads`` clients for ``seconds``; print one JSON line of results."""
+def client_main(socket_path: str, threads: int, seconds: float, methods: list[str], out: str) -> int:
+    """Run ``threads`` clients for ``seconds``; write the results as JSON to ``out`` (a file, not
+    stdout: a pipe nobody reads until the end would block a large result)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from nodemanager.api.client import local_proxy
 
@@ -100,7 +101,7 @@ def client_main(socket_path: str, threads: int, seconds: float, methods: list[st
     for worker in workers:
         worker.join()
     merged = [round(x, 3) for sample in latencies for x in sample]
-    print(json.dumps({"latencies_ms": merged, "errors": len(errors), "error_samples": errors[:5]}))
+    Path(out).write_text(json.dumps({"latencies_ms": merged, "errors": len(errors), "error_samples": errors[:5]}))
     return 0
 
 
@@ -114,12 +115,12 @@ def main() -> int:
     parser.add_argument("--slivers", type=int, default=1000)
     parser.add_argument("--change-every", type=float, default=3.0, help="seconds between document changes")
     parser.add_argument("--poll", type=int, default=2, help="authority.poll_interval")
-    parser.add_argument("--client", nargs=4, metavar=("SOCKET", "THREADS", "SECONDS", "METHODS"),
+    parser.add_argument("--client", nargs=5, metavar=("SOCKET", "THREADS", "SECONDS", "METHODS", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        socket_path, threads, seconds, methods = args.client
-        return client_main(socket_path, int(threads), float(seconds), methods.split(","))
+        socket_path, threads, seconds, methods, out = args.client
+        return client_main(socket_path, int(threads), float(seconds), methods.split(","), out)
 
     from nodemanager.config import parse_config
     from nodemanager.daemon import NodeManager
@@ -183,12 +184,14 @@ def soak(args: argparse.Namespace, base: Path, parse_config, NodeManager) -> int
     per_proc = [args.clients // args.procs + (1 if i < args.clients % args.procs else 0) for i in range(args.procs)]
     total = args.warmup + args.seconds
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    jobs = [(n, base / f"client{i}.json") for i, n in enumerate(per_proc) if n]
     clients = [
         subprocess.Popen(
-            [sys.executable, __file__, "--client", str(base / "api.sock"), str(n), str(total), ",".join(methods)],
-            stdout=subprocess.PIPE, env=env,
+            [sys.executable, __file__, "--client", str(base / "api.sock"), str(n), str(total),
+             ",".join(methods), str(out)],
+            env=env,
         )
-        for n in per_proc if n
+        for n, out in jobs
     ]
     syncs_before = len(syncs)
     time.sleep(args.warmup)
@@ -200,7 +203,7 @@ def soak(args: argparse.Namespace, base: Path, parse_config, NodeManager) -> int
         rss_peak = max(rss_peak, rss_mb())
     rss_end = rss_mb()
     stop_changes.set()
-    results = [json.loads(c.communicate()[0] or b"{}") for c in clients]
+    results = [json.loads(out.read_text()) if out.exists() else {} for _, out in jobs]
     manager.stop()
     loop.join(60)
 

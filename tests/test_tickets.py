@@ -8,6 +8,8 @@ account states, ticket marks) must be exactly as before.
 
 from __future__ import annotations
 
+import logging
+
 import copy
 import sqlite3
 import threading
@@ -396,8 +398,9 @@ def test_no_certificate_means_tickets_are_not_configured(
         pool = WorkerPool(1)
         try:
             operations = SliverOperations(store, HollowBackend(), ManualClock())
-            assert ticket_redeemer_from_config(config, store=store, operations=operations, pool=pool,
-                                               clock=ManualClock()) is None
+            with caplog.at_level(logging.WARNING, logger="nodemanager.tickets"):
+                assert ticket_redeemer_from_config(config, store=store, operations=operations, pool=pool,
+                                                   clock=ManualClock()) is None
             assert "tickets-disabled" in caplog.text
             (tmp_path / "cert.pem").write_bytes(authority_key.certificate_pem())
             (tmp_path / "node_id").write_text(f"{NODE}\n")

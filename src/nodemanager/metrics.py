@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from socketserver import ThreadingMixIn
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
@@ -125,6 +126,10 @@ class _StateCollector(Collector):
         self._store = store
         self._queue_depth = queue_depth
 
+    def describe(self) -> list[Metric]:
+        """Nothing to pre-declare: registering must not read the store (it may be slow)."""
+        return []
+
     def collect(self) -> Iterator[Metric]:
         if self._queue_depth is not None:
             depth = GaugeMetricFamily(
@@ -182,24 +187,10 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class _ThreadingWSGIServer(WSGIServer):
-    """One thread per scrape (a slow scraper never blocks another); daemon threads."""
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """One daemon thread per scrape: a slow scraper never blocks another or the shutdown."""
 
     daemon_threads = True
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        thread = threading.Thread(
-            target=self._handle, args=(request, client_address), name="nm-metrics-scrape", daemon=True
-        )
-        thread.start()
-
-    def _handle(self, request: socket.socket, client_address: object) -> None:
-        try:
-            self.finish_request(request, client_address)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001 - a broken scrape must not kill the exporter
-            self.handle_error(request, client_address)  # type: ignore[arg-type]
-        finally:
-            self.shutdown_request(request)  # type: ignore[arg-type]
 
     def handle_error(self, request: object, client_address: object) -> None:
         logger.debug("event=metrics-scrape-error peer=%s", client_address, exc_info=True)

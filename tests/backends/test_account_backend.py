@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from nodemanager.backends import delegate as delegate_module
-from nodemanager.backends.account import KILL_ROUNDS, MANAGED_GECOS, AccountBackend
+from nodemanager.backends.account import (
+    KILL_ROUNDS,
+    LOCK_RETRIES,
+    MANAGED_GECOS,
+    AccountBackend,
+)
 from nodemanager.config import parse_config
 from nodemanager.core.errors import AccountConflict, BackendError, InvalidName
 from nodemanager.core.records import NM_CONTROLLER, PLC_INSTANTIATED, Sliver
@@ -312,9 +317,18 @@ def test_destroy_does_not_use_remove_for_a_home_elsewhere(backend: AccountBacken
 
 
 def test_destroy_failure_names_the_sliver(backend: AccountBackend, host: FakeHost, created: int) -> None:
-    host.fail_next("userdel", returncode=10, stderr="cannot lock /etc/passwd")
+    host.fail_next("userdel", returncode=10, stderr="cannot lock /etc/passwd", times=LOCK_RETRIES)
     with pytest.raises(BackendError, match=r"sliver pl_test: destroy failed: userdel exited with status 10"):
         backend.destroy("pl_test")
+
+
+def test_a_briefly_locked_password_database_is_retried(
+    backend: AccountBackend, host: FakeHost, created: int
+) -> None:
+    host.fail_next("userdel", returncode=10, stderr="userdel: cannot lock /etc/passwd; try again later.", times=2)
+    backend.destroy("pl_test")
+    assert host.getpwnam("pl_test") is None
+    assert len(host.commands_named("userdel")) == 3
 
 
 def test_is_running_follows_processes(backend: AccountBackend, host: FakeHost, created: int) -> None:

@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+#: Retries of a shadow command that found the password database locked by another program.
+LOCK_RETRIES = 8
+LOCK_RETRY_DELAY_S = 0.25
+
+
 class AccountHooks(Protocol):
     """What resource enforcement does at points of an account's life (see ``enforcing``)."""
 
@@ -341,9 +346,21 @@ class AccountBackend:
 
     # --- parts ----------------------------------------------------------------------------
     def _account_command(self, argv: list[str], *, check: bool = True) -> CommandResult[bytes]:
-        """Run a shadow command, one at a time per backend."""
+        """Run a shadow command, one at a time per backend.
+
+        Another program holding the password database's lock (an administrator's ``vipw``,
+        another tool's ``useradd``) makes the shadow tools fail at once with "cannot lock";
+        that is retried for a few seconds instead of failing the sliver."""
         with self._database_lock:
-            return self.host.run(argv, check=check)
+            for attempt in range(LOCK_RETRIES):
+                result = self.host.run(argv, check=False)
+                if result.returncode == 0 or b"cannot lock" not in result.stderr or attempt == LOCK_RETRIES - 1:
+                    break
+                self.host.sleep(LOCK_RETRY_DELAY_S * (attempt + 1))
+            if check and result.returncode != 0:
+                tail = result.stderr.decode("utf-8", "replace").strip()[-400:]
+                raise BackendError(f"{argv[0]} exited with status {result.returncode}: {tail or '(no stderr)'}")
+            return result
 
     def _entry(self, name: str) -> PasswdEntry:
         account = self.account_name(name)
