@@ -12,6 +12,7 @@ since this process started (a node that boots while the authority is down keeps 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -98,9 +99,20 @@ class Syncer:
 
     # --- the pieces ----------------------------------------------------------------------
     def _fetch(self) -> tuple[AuthorityDocument, frozenset[str]] | None:
+        """Fetch and parse with the cyclic garbage collector paused.
+
+        A 10,000-sliver document allocates about a million objects, none of them in reference
+        cycles; left on, the collector would walk the daemon's whole heap several times while
+        they are made (measured: 10-20 % of the parse, and seconds once the heap is large)."""
         if self.fetch is None:
             return None
-        return self.fetch()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self.fetch()
+        finally:
+            if enabled:
+                gc.enable()
 
     def merge(self, doc: AuthorityDocument, protected: frozenset[str], *, allow_mass_delete: bool) -> MergeResult | None:
         """Merge ``doc`` into the stored records (not persisted). None for a stale document."""
