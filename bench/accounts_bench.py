@@ -24,6 +24,7 @@ from nodemanager.host import Host
 from nodemanager.operations import SliverOperations
 from nodemanager.store import Store
 from nodemanager.sync import Syncer
+from nodemanager.testing.accounts import purge_accounts
 from nodemanager.testing.fakeauthority import FakeAuthority, make_sliver
 from nodemanager.workers import WorkerPool
 
@@ -32,9 +33,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchKey{:032d} bench@example.org"
 
 
 def remove_users(prefix: str) -> None:
-    for entry in pwd.getpwall():
-        if entry.pw_name.startswith(prefix):
-            subprocess.run(["userdel", "--remove", entry.pw_name], check=False, capture_output=True)
+    purge_accounts(prefix)
 
 
 def baseline(home_root: Path, prefix: str) -> float:

@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nodemanager.store import Store
+from nodemanager.testing.accounts import wait_for
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -29,15 +30,6 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "nodemanager", "-c", str(config), *args],
                           env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True,
                           timeout=60, check=False)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from nodemanager.backends.account import MANAGED_GECOS, AccountBackend
 from nodemanager.core.errors import AccountConflict, BackendError
 from nodemanager.core.records import PLC_INSTANTIATED, Sliver
 from nodemanager.host import Host
+from nodemanager.testing.accounts import purge_account
 from nodemanager.testing.backend_contract import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real accounts")]
@@ -39,19 +40,7 @@ def make_sliver(name: str, **changes: object) -> Sliver:
     return Sliver(**fields)  # type: ignore[arg-type]
 
 
-def _purge(account: str) -> None:
-    host = Host()
-    entry = host.getpwnam(account)
-    if entry is not None and entry.uid != 0:
-        for _ in range(20):
-            pids = host.pids_of_uid(entry.uid)
-            if not pids:
-                break
-            for pid in pids:
-                host.kill(pid, 9)
-            time.sleep(0.05)
-        subprocess.run(["userdel", "--remove", account], capture_output=True, check=False)
-    subprocess.run(["groupdel", account], capture_output=True, check=False)
+_purge = purge_account
 
 
 @pytest.fixture

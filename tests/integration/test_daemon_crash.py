@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from nodemanager.store import Store
+from nodemanager.testing.accounts import purge_accounts
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -45,9 +46,7 @@ def our_accounts() -> dict[str, pwd.struct_passwd]:
 
 
 def cleanup() -> None:
-    for name in our_accounts():
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
-        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+    purge_accounts(PREFIX + "site_")
 
 
 @pytest.fixture

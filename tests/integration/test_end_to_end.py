@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import pwd
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from nodemanager.cli import main
 from nodemanager.config import Config, parse_config
 from nodemanager.daemon import AlreadyRunning, NodeManager
 from nodemanager.store import Store
+from nodemanager.testing.accounts import purge_accounts
 
 pytestmark = pytest.mark.root
 
@@ -37,9 +37,7 @@ def ours() -> set[str]:
 
 
 def cleanup() -> None:
-    for name in ours():
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
-        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+    purge_accounts(PREFIX)
 
 
 AUTHORITY_TOML = """

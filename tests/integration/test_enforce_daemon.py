@@ -8,7 +8,7 @@ import json
 import pwd
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -19,6 +19,7 @@ from nodemanager.api.client import local_proxy
 from nodemanager.cli import main
 from nodemanager.config import parse_config
 from nodemanager.daemon import NodeManager
+from nodemanager.testing.accounts import purge_accounts, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -31,22 +32,8 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, check=False)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def cleanup_accounts() -> None:
-    for entry in pwd.getpwall():
-        if entry.pw_name.startswith(PREFIX + "site_"):
-            run("pkill", "-KILL", "-u", entry.pw_name)
-            run("userdel", "--remove", entry.pw_name)
-    for group in Path("/sys/fs/cgroup").glob(f"*/nodemanager/{PREFIX}site_*"):
-        group.rmdir()
+    purge_accounts(PREFIX + "site_")
 
 
 def write_doc(path: Path, slivers: dict[str, int], timestamp: int) -> None:

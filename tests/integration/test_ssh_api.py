@@ -21,7 +21,6 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 import xmlrpc.client
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,11 +33,15 @@ from nodemanager.api.client import SshTransportError, XmlRpcOverSsh, local_proxy
 from nodemanager.api.methods import NodeManagerApi, caller_resolver
 from nodemanager.api.server import ApiServer
 from nodemanager.backends.account import AccountBackend
-from nodemanager.backends.delegate import default_forward_command, unprivileged_access_problems
+from nodemanager.backends.delegate import (
+    default_forward_command,
+    unprivileged_access_problems,
+)
 from nodemanager.core.records import NM_CONTROLLER, PLC_INSTANTIATED, Sliver
 from nodemanager.host import Host
 from nodemanager.operations import SliverOperations
 from nodemanager.store import Store
+from nodemanager.testing.accounts import purge_account
 from nodemanager.testing.clock import ManualClock
 from nodemanager.testing.sshd import PrivateSshd, make_client_key, sshd_available
 from nodemanager.workers import WorkerPool
@@ -58,19 +61,7 @@ def sliver(name: str, instantiation: str, keys: tuple[str, ...] = ()) -> Sliver:
                   keys=keys)
 
 
-def purge(account: str) -> None:
-    host = Host()
-    entry = host.getpwnam(account)
-    if entry is not None and entry.uid != 0:
-        for _ in range(40):
-            pids = host.pids_of_uid(entry.uid)
-            if not pids:
-                break
-            for pid in pids:
-                host.kill(pid, 9)
-            time.sleep(0.05)
-        subprocess.run(["userdel", "--remove", account], capture_output=True, check=False)
-    subprocess.run(["groupdel", account], capture_output=True, check=False)
+purge = purge_account
 
 
 def forward_command(home_root: Path) -> list[str]:

@@ -49,6 +49,7 @@ from nodemanager.config import Config, parse_config
 from nodemanager.core.records import SOURCE_TICKET
 from nodemanager.daemon import NodeManager, Overrides
 from nodemanager.host import Host
+from nodemanager.testing.accounts import purge_accounts
 from nodemanager.testing.sshd import PrivateSshd, make_client_key, sshd_available
 from nodemanager.tickets import ticket_redeemer_from_config
 
@@ -100,19 +101,7 @@ def ours() -> set[str]:
 
 
 def purge() -> None:
-    host = Host()
-    for account in ours():
-        entry = host.getpwnam(account)
-        if entry is not None and entry.uid != 0:
-            for _ in range(40):
-                pids = host.pids_of_uid(entry.uid)
-                if not pids:
-                    break
-                for pid in pids:
-                    host.kill(pid, 9)
-                time.sleep(0.05)
-        subprocess.run(["userdel", "--remove", account], capture_output=True, check=False)
-        subprocess.run(["groupdel", account], capture_output=True, check=False)
+    purge_accounts(PREFIX)
 
 
 def write_data(path: Path, text: str, age: int) -> None:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,22 +31,12 @@ import pytest
 from ..backends.base import Backend
 from ..core.errors import AccountConflict, BackendError
 from ..core.records import PLC_INSTANTIATED, Sliver
+from .accounts import wait_for
 
 KEYS = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIContractKeyOne one@example", "ssh-rsa AAAAB3Contract two@example")
 #: Keeps the sliver busy until stopped; a plain POSIX shell script, runnable by any account.
 SLEEPER = "#!/bin/sh\nexec sleep 120\n"
 _counter = itertools.count()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 class BackendContract:

@@ -1,0 +1,61 @@
+"""Test helpers for real accounts: find and remove every account of a test prefix.
+
+Integration tests create real Linux accounts with a prefix of their own; whatever happens in the
+test, these remove them (processes killed first, repeatedly: a forking sliver must not outlive
+it), with their groups, homes and the cgroups enforcement made for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..host import Host
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def accounts_with_prefix(prefix: str, host: Host | None = None) -> set[str]:
+    """Names of the accounts starting with ``prefix``."""
+    return {entry.name for entry in (host or Host()).all_users() if entry.name.startswith(prefix)}
+
+
+def purge_account(account: str, host: Host | None = None) -> None:
+    """Kill the account's processes, then remove it, its group, its home and its cgroups."""
+    host = host or Host()
+    entry = host.getpwnam(account)
+    if entry is not None and entry.uid != 0:
+        for _ in range(40):
+            pids = host.pids_of_uid(entry.uid)
+            if not pids:
+                break
+            for pid in pids:
+                host.kill(pid, 9)
+            time.sleep(0.05)
+        host.run(["userdel", "--remove", account], check=False)
+    if host.getgrnam(account) is not None:
+        host.run(["groupdel", account], check=False)
+    for group in CGROUP_ROOT.glob(f"*/nodemanager/{account}"):
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+
+def purge_accounts(prefix: str) -> None:
+    """Remove every account starting with ``prefix`` (see :func:`purge_account`)."""
+    host = Host()
+    for account in accounts_with_prefix(prefix, host):
+        purge_account(account, host)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
