@@ -13,9 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodemanager.api.client import local_proxy
 from nodemanager.config import Config, parse_config
-from nodemanager.core.errors import AuthorityUnavailable, ConfigError, DocumentRejected, StoreError
+from nodemanager.core.authz import ANONYMOUS
+from nodemanager.core.errors import AuthorityUnavailable, ConfigError, DocumentRejected, StoreError, TicketRejected
 from nodemanager.core.records import AccountState, Phase, ValveState
-from nodemanager.daemon import NodeManager, Overrides
+from nodemanager.daemon import CountedRedeemer, NodeManager, Overrides
 from nodemanager.metrics import NodeMetrics, parse_listen
 from nodemanager.store import Store
 from nodemanager.sync import SyncOutcome
@@ -265,3 +266,33 @@ def test_a_busy_metrics_port_does_not_stop_the_daemon(tmp_path: Path) -> None:
         assert not loop.is_alive()
     finally:
         blocker.stop()
+
+
+class _RejectingRedeemer:
+    """A ticket port that rejects every ticket with the message it is given."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def redeem(self, ticket: str, caller: object) -> str:
+        raise TicketRejected(self.message)
+
+
+@pytest.mark.parametrize(
+    ("message", "label"),
+    [
+        ("bad signature: not signed with the authority's key", "signature"),
+        ("replay: ticket for site_x issued at 5 is not newer", "replay"),
+        ("wrong node: ticket for site_x is valid on node(s) 3, not on node 7", "wrong-node"),
+        ("expired: ticket for site_x expired at 4", "expired"),
+        ("wrong caller: ticket for site_x may be delivered by its controller", "permission"),
+        ("malformed: <slice> lists no <node>", "malformed"),
+        ("something nobody foresaw", "other"),
+    ],
+)
+def test_ticket_rejections_are_counted_by_reason(message: str, label: str) -> None:
+    metrics = NodeMetrics()
+    redeemer = CountedRedeemer(_RejectingRedeemer(message), metrics)
+    with pytest.raises(TicketRejected, match=message.split(":")[0]):
+        redeemer.redeem("<ticket/>", ANONYMOUS)
+    assert value(metrics, "nodemanager_ticket_rejections_total", reason=label) == 1.0

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from .authority.client import AuthorityClient, next_poll_delay
 from .backends.base import Backend
 from .clock import Clock, SystemClock
 from .config import Config
-from .core.errors import NodeManagerError, StoreError
+from .core.authz import Caller
+from .core.errors import NodeManagerError, StoreError, TicketRejected
 from .health import sd_notify
 from .metrics import NodeMetrics
 from .enforce.set import EnforcementSet
@@ -39,6 +41,23 @@ META_BACKEND = "backend"
 META_ADOPT = "adopt_marked_accounts"
 #: After a failed poll, retry sooner than the poll period: 30 s, 60 s, ... up to the period.
 FAILED_POLL_RETRY_S = 30.0
+#: Longest the main thread sleeps without checking for signals (see ``NodeManager._sleep``).
+SIGNAL_CHECK_S = 0.5
+
+
+class CountedRedeemer:
+    """A ticket redeemer whose rejections are counted by reason (``reason: details`` messages)."""
+
+    def __init__(self, inner: TicketRedeemer, metrics: NodeMetrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+
+    def redeem(self, ticket: str, caller: Caller) -> str:
+        try:
+            return self.inner.redeem(ticket, caller)
+        except TicketRejected as exc:
+            self.metrics.ticket_rejected(str(exc).split(":", 1)[0])
+            raise
 
 
 class AlreadyRunning(NodeManagerError):
@@ -174,12 +193,15 @@ class NodeManager:
             operations=self.operations,
             resolve_caller=caller_resolver(self.store, self.host.getpwuid),
             node_cap_kbps=self._node_cap,
-            tickets=overrides.tickets or ticket_redeemer_from_config(
-                config, store=self.store, operations=self.operations, pool=self.pool, clock=self.clock
-            ),
             on_loans_changed=self._loans_changed,
         )
         self.metrics = NodeMetrics(store=self.store, queue_depth=self.pool.depth, backend=self.backend.kind)
+        tickets = overrides.tickets or ticket_redeemer_from_config(
+            config, store=self.store, operations=self.operations, pool=self.pool, clock=self.clock
+        )
+        self.api.tickets = None if tickets is None else CountedRedeemer(tickets, self.metrics)
+        if self.enforcement_loop is not None:
+            self.enforcement_loop.on_error = self.metrics.enforcement_error
         api = config.api
         self.api_server: ApiServer | None = None
         if api.tcp or api.unix_socket:
@@ -275,10 +297,22 @@ class NodeManager:
                     delay *= 0.5 + random.random()
                 else:
                     delay = next_poll_delay(a.poll_interval, a.poll_jitter, random.random)
-                self.wake_event.wait(delay)
+                self._sleep(delay)
                 self.wake_event.clear()
         finally:
             self.close()
+
+    def _sleep(self, delay: float) -> None:
+        """Wait ``delay`` seconds or until woken, in short slices. Python runs signal handlers
+        only in the main thread, and a signal the kernel delivers to another thread does not
+        interrupt the main thread's wait: one long wait would delay SIGUSR1 (prompt sync), SIGHUP
+        (log reopen) and SIGTERM by up to a whole poll period."""
+        deadline = time.monotonic() + delay
+        while not self.wake_event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.wake_event.wait(min(left, SIGNAL_CHECK_S))
 
     def start_metrics(self) -> None:
         """Serve the metrics on ``metrics.listen`` ("" disables). A port that cannot be bound is

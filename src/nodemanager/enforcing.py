@@ -153,7 +153,8 @@ class EnforcementLoop:
             self.enforcement.apply_all(rspecs, uids, homes)
         except NodeManagerError as exc:
             logger.error("event=enforcement-failed error=%s", exc)
-            self.on_error("apply")
+            for enforcer in self.enforcement.failed or ("other",):
+                self.on_error(enforcer)
         self.applied = rspecs
         self._place(uids)
 
@@ -162,7 +163,7 @@ class EnforcementLoop:
             self.enforcement.place_processes(uids)
         except NodeManagerError as exc:
             logger.error("event=placement-failed error=%s", exc)
-            self.on_error("placement")
+            self.on_error("cpu")
 
     def _run(self) -> None:
         since_apply = self.reapply_s  # apply at once on start

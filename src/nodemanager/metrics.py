@@ -69,6 +69,10 @@ _REASON_ALIASES = {
     "wrong-node": "wrong-node", "node": "wrong-node", "not-this-node": "wrong-node",
     "replayed": "replay", "replay": "replay", "expiry": "expired", "expired": "expired",
     "denied": "permission", "permission-denied": "permission", "not-allowed": "permission",
+    # the "<reason>: details" prefixes of the node's TicketRejected messages
+    "not-yet-valid": "expired", "stale": "replay",
+    "wrong-caller": "permission", "wrong-instantiation": "malformed", "too-large": "malformed",
+    "invalid-slice-name": "malformed", "invalid-controller-name": "malformed",
 }
 
 

@@ -188,7 +188,7 @@ def test_kill_9_during_syncs_and_api_calls(node: tuple[Path, Path, Path]) -> Non
     assert len({p.pw_uid for p in accounts.values()}) == len(accounts)
     log = (base / "nm.log").read_text()
     created = Counter(re.findall(r"sliver=(\S+) event=created account=", log))  # one line per useradd
-    assert not [n for n, c in created.items() if c > 1], created
+    assert created and not [n for n, c in created.items() if c > 1], created
     assert "event=recreated" not in log
     with Store(base / "data" / "nodemanager.sqlite") as store:
         states = store.accounts()

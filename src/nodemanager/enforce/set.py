@@ -39,6 +39,8 @@ class EnforcementSet:
         self.disk = disk
         self._problems = list(problems or [])
         self.notes: tuple[str, ...] = ()
+        #: Names of the enforcers whose last ``apply_all`` failed (for metrics).
+        self.failed: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config, host: Host, *, cgroup_group: str = "nodemanager",
@@ -117,6 +119,7 @@ class EnforcementSet:
             except BackendError as exc:
                 failures.append(f"{enforcer.name}: {exc}")
         self.notes = tuple(notes)
+        self.failed = tuple(failure.split(":", 1)[0] for failure in failures)
         for note in notes:
             log.info("event=enforcement_note note=%r", note)
         if failures:
