@@ -87,6 +87,7 @@ def test_prompt_sync_lock_and_graceful_stop(daemon, tmp_path: Path) -> None:  # 
 
     status = cli(config, "status")
     assert status.returncode == 0 and "HOLLOW" in status.stdout and "site_beta" in status.stdout
+    assert "enforcement:    none: the hollow backend creates nothing to enforce" in status.stdout
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(15) == 0

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 META_BACKEND = "backend"
 META_ADOPT = "adopt_marked_accounts"
+#: What resource enforcement could not do on this machine ("ok": everything enforced).
+META_ENFORCEMENT = "enforcement_problems"
 #: After a failed poll, retry sooner than the poll period: 30 s, 60 s, ... up to the period.
 FAILED_POLL_RETRY_S = 30.0
 #: Longest the main thread sleeps without checking for signals (see ``NodeManager._sleep``).
@@ -229,11 +231,14 @@ class NodeManager:
     def _build_enforcement(self) -> EnforcementSet | None:
         """Resource enforcement for real accounts; the hollow backend has nothing to enforce."""
         if self.backend.kind != "account":
+            self.store.set_meta({META_ENFORCEMENT: "none: the hollow backend creates nothing to enforce"})
             return None
         enforcement = EnforcementSet.from_config(self.config, self.host)
         for resource, mechanism in sorted(enforcement.describe().items()):
             logger.info("event=enforcement resource=%s mechanism=%r", resource, mechanism)
-        return enforcement  # its problems() were logged as it was built
+        # its problems() were logged as it was built; `status` shows them from the store
+        self.store.set_meta({META_ENFORCEMENT: "; ".join(enforcement.problems()) or "ok"})
+        return enforcement
 
     def _loans_changed(self) -> None:
         """Loans changed through the API: effective RSpecs moved; enforcement follows now."""

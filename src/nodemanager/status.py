@@ -98,6 +98,13 @@ def render_status(store: Store, now: float | None = None) -> str:
         f"authority data: timestamp {store.get_meta('authority_timestamp', '-') or '-'}"
         + (f", node cap {_rate(cap)}bit/s" if cap else ""),
     ]
+    enforcement = store.get_meta("enforcement_problems", "")
+    if enforcement == "ok":
+        head.append("enforcement:    cpu, memory, bandwidth and disk enforced (status --resources)")
+    elif enforcement.startswith("none:"):
+        head.append(f"enforcement:    {enforcement}")
+    elif enforcement:
+        head.append(f"NOT ENFORCED:   {enforcement}")
     valve = store.valve()
     if valve.held:
         head.append(f"SAFETY VALVE:   {len(valve.held)} removals held (seen in {valve.seen} document(s))")

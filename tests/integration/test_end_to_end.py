@@ -259,6 +259,7 @@ def test_cli_sync_plan_and_status(
     uid = str(pwd.getpwnam(PREFIX + "site_alpha").pw_uid)
     assert "site_alpha" in status and uid in status and "running" in status
     assert "backend:        account" in status
+    assert "NOT ENFORCED:   cpu: not enforced ([enforce] cpu = false)" in status
     # `sync` without --once and no daemon running: a clear error
     assert main(["-c", str(path), "sync"]) == 1
     assert "no node manager daemon is running" in capsys.readouterr().err
