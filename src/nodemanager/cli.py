@@ -160,6 +160,7 @@ def _store_meta(config: Config, values: dict[str, str]) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .authority.client import AuthorityClient
+    from .clock import SystemClock
     from .daemon import build_backend
     from .logsetup import configure_logging
     from .sync import Syncer
@@ -168,8 +169,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     configure_logging(None, foreground=True, level=logging.WARNING)
     store = _open_store(config)
     try:
-        syncer = Syncer(store=store, backend=build_backend(config), operations=None,  # type: ignore[arg-type]
-                        pool=None, fetch=None, clock=_clock(),  # type: ignore[arg-type]
+        syncer = Syncer(store=store, backend=build_backend(config), operations=None, pool=None,
+                        fetch=None, clock=SystemClock(),
                         max_delete_fraction=config.sync.max_delete_fraction,
                         confirm_after=config.sync.confirm_after)
         doc, protected = AuthorityClient.from_config(config).fetch()
@@ -192,12 +193,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         extra = " (then start)" if action.start else ""
         print(f"{action.kind.value:<9} {action.name}  {action.reason}{extra}")
     return 0
-
-
-def _clock():  # noqa: ANN202
-    from .clock import SystemClock
-
-    return SystemClock()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -78,8 +78,8 @@ class Syncer:
         *,
         store: Store,
         backend: Backend,
-        operations: SliverOperations,
-        pool: WorkerPool,
+        operations: SliverOperations | None,
+        pool: WorkerPool | None,
         fetch: Fetch | None,
         clock: Clock,
         max_delete_fraction: float = 0.5,
@@ -155,7 +155,9 @@ class Syncer:
         return actions, fresh
 
     def submit(self, action: Action) -> Completion:
-        """Hand one action to the sliver's worker."""
+        """Hand one action to the sliver's worker (a Syncer built for ``plan`` has none)."""
+        if self.operations is None or self.pool is None:
+            raise RuntimeError("this Syncer only plans: it has no workers")
         ops = self.operations
         if action.kind is ActionKind.DESTROY:
             return self.pool.submit(action.name, "destroy", lambda: ops.destroy(action.name))
