@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,48 +12,28 @@ import pytest
 
 from nodemanager.store import Store
 from nodemanager.testing.accounts import wait_for
-
-SRC = Path(__file__).resolve().parents[1] / "src"
+from nodemanager.testing.daemonproc import (
+    run_nodemanager,
+    start_nodemanager,
+    write_daemon_config,
+    write_slivers_document,
+)
 
 
 def document(path: Path, names: list[str], timestamp: int) -> None:
-    slivers = [{"name": n, "slice_id": i, "instantiation": "plc-instantiated",
-                "expires": int(time.time()) + 86400, "keys": [], "attributes": []}
-               for i, n in enumerate(names)]
-    path.write_text(json.dumps({"timestamp": timestamp, "node_id": 1, "slivers": slivers}))
+    write_slivers_document(path, names, timestamp, first_slice_id=0)
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nodemanager", "-c", str(config), *args],
-                          env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return run_nodemanager(config, *args, timeout=60)
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
     doc = tmp_path / "slivers.json"
     document(doc, ["site_alpha"], 1000)
-    (tmp_path / "node_id").write_text("1\n")
-    config = tmp_path / "nm.toml"
-    config.write_text(f"""
-[node]
-data_dir = "{tmp_path / 'data'}"
-log_file = "{tmp_path / 'nm.log'}"
-[authority]
-url = "file://{doc}"
-node_id_file = "{tmp_path / 'node_id'}"
-poll_interval = 3600
-poll_jitter = 0
-[api]
-tcp = ""
-unix_socket = ""
-[metrics]
-listen = ""
-[slivers]
-backend = "hollow"
-""")
-    process = subprocess.Popen([sys.executable, "-m", "nodemanager", "-c", str(config), "run", "--quiet"],
-                               env={**os.environ, "PYTHONPATH": str(SRC)})
+    config = write_daemon_config(tmp_path, doc, poll_interval=3600, enforce=None, slivers={"backend": "hollow"})
+    process = start_nodemanager(config, "run", "--quiet", discard_output=False)
     yield process, config, doc
     if process.poll() is None:
         process.kill()

@@ -14,7 +14,8 @@ The dangerous parts:
   ``O_NOFOLLOW`` and works on directory file descriptors. A symbolic link is followed only when the
   directory holding it is owned by root and writable by nobody else (so only root could have put
   it there, e.g. ``/home -> /srv/home``); any other link is refused, and a link in the final
-  position is replaced, never written through.
+  position is replaced, never written through. That code lives in :mod:`nodemanager.hostfiles`
+  (:class:`~nodemanager.hostfiles.LinkSafeFiles`, which ``Host`` inherits).
 * Processes are signalled by pid after a ``/proc`` scan; zombies are skipped (they cannot be
   killed and would keep a stop loop spinning), and pid 0/1 are never signalled.
 * Detached programs are started through util-linux ``setsid --fork`` after privileges are dropped,
@@ -26,21 +27,31 @@ All methods may be called from any thread.
 
 from __future__ import annotations
 
-import errno
 import grp
 import os
 import pwd
-import secrets
 import shutil
-import stat
 import subprocess
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from .core.errors import BackendError
+from .hostfiles import READ_LIMIT, FileInfo, LinkSafeFiles
+from .hostfiles import describe_oserror as _describe
+
+__all__ = [
+    "COMMAND_ENV",
+    "READ_LIMIT",
+    "STDERR_TAIL",
+    "CommandResult",
+    "FileInfo",
+    "GroupEntry",
+    "Host",
+    "PasswdEntry",
+    "ShadowEntry",
+]
 
 #: What :meth:`Host.run` returns; re-exported so that callers never import subprocess.
 CommandResult = subprocess.CompletedProcess
@@ -49,10 +60,6 @@ CommandResult = subprocess.CompletedProcess
 COMMAND_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 #: How much of a failing command's stderr goes into the error message.
 STDERR_TAIL = 400
-#: Reads of sliver-controlled files stop here: a sliver must not make the daemon read gigabytes.
-READ_LIMIT = 1 << 20
-_MAX_SYMLINK_HOPS = 40
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SETSID_CANDIDATES = ("/usr/bin/setsid", "/bin/setsid")
 
 
@@ -83,37 +90,13 @@ class ShadowEntry:
     expire: str
 
 
-@dataclass(frozen=True, slots=True)
-class FileInfo:
-    """``lstat`` of a path: never describes the target of a symbolic link."""
-
-    uid: int
-    gid: int
-    mode: int  # permission bits only
-    kind: str  # "file", "dir", "symlink" or "other"
-    size: int
-
-
 def _passwd(entry: pwd.struct_passwd) -> PasswdEntry:
     return PasswdEntry(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_gecos, entry.pw_dir, entry.pw_shell)
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "other"
-
-
-def _describe(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
-class Host:
-    """The real machine. Subclass or replace methods in tests; see ``FakeHost``."""
+class Host(LinkSafeFiles):
+    """The real machine. Subclass or replace methods in tests; see ``FakeHost``. The file
+    methods (``atomic_write``, ``read_file``, ``remove_tree``...) come from ``LinkSafeFiles``."""
 
     shadow_path = Path("/etc/shadow")
 
@@ -180,285 +163,11 @@ class Host:
                 return ShadowEntry(name, fields[1], fields[7])
         return None
 
-    # --- files, safe against links planted by a sliver ------------------------------------
-    def _open_dir(self, path: Path, create: tuple[int, int, int] | None = None) -> int:
-        """Open directory ``path`` component by component without following untrusted links.
-
-        With ``create=(uid, gid, mode)`` missing components are made with that owner and mode.
-        Returns a directory file descriptor the caller must close."""
-        if not path.is_absolute():
-            raise BackendError(f"{path}: not an absolute path")
-        parts = list(path.parts[1:])
-        current = "/"
-        fd = os.open("/", _DIR_FLAGS)
-        hops = 0
-        try:
-            while parts:
-                part = parts.pop(0)
-                if part in ("", "."):
-                    continue
-                if part == "..":
-                    raise BackendError(f"{path}: '..' is not allowed")
-                try:
-                    child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                except FileNotFoundError:
-                    if create is None:
-                        raise
-                    uid, gid, mode = create
-                    try:
-                        os.mkdir(part, 0o700, dir_fd=fd)
-                    except FileExistsError:
-                        parts.insert(0, part)  # raced with someone else: look again
-                        continue
-                    child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                    try:
-                        os.fchown(child, uid, gid)
-                        os.fchmod(child, mode)
-                    except OSError:
-                        os.close(child)
-                        raise
-                except OSError as exc:
-                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    info = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                    if not stat.S_ISLNK(info.st_mode):
-                        raise BackendError(f"{os.path.join(current, part)}: not a directory") from exc
-                    holder = os.fstat(fd)
-                    if holder.st_uid != 0 or holder.st_mode & 0o022:
-                        raise BackendError(
-                            f"refusing to follow symbolic link {os.path.join(current, part)} "
-                            "in a directory others can write"
-                        ) from exc
-                    hops += 1
-                    if hops > _MAX_SYMLINK_HOPS:
-                        raise BackendError(f"{path}: too many symbolic links") from exc
-                    target = os.path.normpath(os.path.join(current, os.readlink(part, dir_fd=fd)))
-                    parts = list(Path(target).parts[1:]) + parts
-                    os.close(fd)
-                    fd = os.open("/", _DIR_FLAGS)
-                    current = "/"
-                    continue
-                os.close(fd)
-                fd = child
-                current = os.path.join(current, part)
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
-
-    @contextmanager
-    def _parent_of(self, path: Path, action: str) -> Iterator[int | None]:
-        """A descriptor of ``path``'s directory (None when it does not exist), opened safely.
-        Any ``OSError`` in the block becomes ``BackendError("cannot ACTION PATH: ...")``."""
-        try:
-            try:
-                dfd = self._open_dir(path.parent)
-            except FileNotFoundError:
-                yield None
-                return
-            try:
-                yield dfd
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            raise BackendError(f"cannot {action} {path}: {_describe(exc)}") from exc
-
-    def makedirs_owned(self, path: Path, uid: int, gid: int, mode: int) -> None:
-        """Make directory ``path`` (and missing parents) owned by ``uid:gid`` with ``mode``.
-
-        An existing ``path`` gets its owner and mode corrected; existing parents are left alone.
-        Idempotent."""
-        path = Path(path)
-        try:
-            fd = self._open_dir(path, create=(uid, gid, mode))
-            try:
-                info = os.fstat(fd)
-                if (info.st_uid, info.st_gid) != (uid, gid):
-                    os.fchown(fd, uid, gid)
-                if stat.S_IMODE(info.st_mode) != mode:
-                    os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise BackendError(f"cannot make directory {path}: {_describe(exc)}") from exc
-
-    def atomic_write(self, path: Path, data: bytes, *, uid: int, gid: int, mode: int) -> None:
-        """Replace ``path`` with ``data`` atomically (temporary file, fsync, rename) owned by
-        ``uid:gid`` with ``mode``. A link at ``path`` is replaced, never followed."""
-        path = Path(path)
-        temp = f".{path.name}.nm-{secrets.token_hex(6)}"
-        with self._parent_of(path, "write") as dfd:
-            if dfd is None:
-                raise FileNotFoundError(errno.ENOENT, "no such directory")
-            try:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd = os.open(temp, flags, 0o600, dir_fd=dfd)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fchown(fd, uid, gid)
-                    os.fchmod(fd, mode)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(temp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except OSError:
-                with suppress(OSError):
-                    os.unlink(temp, dir_fd=dfd)
-                raise
-            os.fsync(dfd)
-
-    def stat_file(self, path: Path) -> FileInfo | None:
-        """``lstat`` of ``path`` through a safe walk; None when it does not exist."""
-        path = Path(path)
-        with self._parent_of(path, "inspect") as dfd:
-            if dfd is None:
-                return None
-            try:
-                info = os.stat(path.name, dir_fd=dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                return None
-        return FileInfo(info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode), _kind(info.st_mode), info.st_size)
-
-    def read_file(self, path: Path, *, limit: int = READ_LIMIT) -> bytes | None:
-        """Content of the regular file ``path`` (at most ``limit`` bytes); None when it is missing
-        or not a regular file (a link, a FIFO...). Never blocks on a FIFO, never follows a link."""
-        path = Path(path)
-        with self._parent_of(path, "read") as dfd:
-            if dfd is None:
-                return None
-            try:
-                fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
-                    return None
-                raise
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return None
-                chunks: list[bytes] = []
-                remaining = limit
-                while remaining > 0:
-                    chunk = os.read(fd, min(remaining, 65536))
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    remaining -= len(chunk)
-                return b"".join(chunks)
-            finally:
-                os.close(fd)
-
-    def remove_file(self, path: Path) -> None:
-        """Unlink ``path`` (a file or a link, not a directory). Missing is success."""
-        path = Path(path)
-        with self._parent_of(path, "remove") as dfd:
-            if dfd is not None:
-                with suppress(FileNotFoundError):
-                    os.unlink(path.name, dir_fd=dfd)
-
-    def remove_tree(self, path: Path) -> None:
-        """Remove ``path`` and everything below it without following links. Missing is success."""
-        path = Path(path)
-        with self._parent_of(path, "remove") as dfd:
-            if dfd is None:
-                return
-            try:
-                info = os.stat(path.name, dir_fd=dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                return
-            if stat.S_ISDIR(info.st_mode):
-                shutil.rmtree(path.name, dir_fd=dfd)
-            else:
-                os.unlink(path.name, dir_fd=dfd)
-
-    def write_text(self, path: Path, text: str) -> None:
-        """Write ``text`` to the existing file ``path`` in place: no temporary file, no creation,
-        no truncation. For kernel interface files (cgroupfs, /proc, /sys) where a write is a
-        command and the file cannot be replaced. The kernel's refusal (EINVAL, EBUSY...) becomes
-        a ``BackendError``."""
-        path = Path(path)
-        with self._parent_of(path, "write") as dfd:
-            if dfd is None:
-                raise FileNotFoundError(errno.ENOENT, "no such directory")
-            fd = os.open(path.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
-
-    def remove_dir(self, path: Path) -> None:
-        """``rmdir`` of ``path`` (an empty directory, or a cgroup whose files the kernel owns).
-        Missing is success; a non-empty or busy directory raises ``BackendError``."""
-        path = Path(path)
-        with self._parent_of(path, "remove directory") as dfd:
-            if dfd is not None:
-                with suppress(FileNotFoundError):
-                    os.rmdir(path.name, dir_fd=dfd)
-
-    def list_dirs(self, directory: Path) -> list[str]:
-        """Names of the subdirectories of ``directory`` (links are not followed), sorted; a
-        missing directory has none."""
-        directory = Path(directory)
-        try:
-            dfd = self._open_dir(directory)
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise BackendError(f"cannot list {directory}: {_describe(exc)}") from exc
-        try:
-            with os.scandir(dfd) as entries:
-                return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
-        except OSError as exc:
-            raise BackendError(f"cannot list {directory}: {_describe(exc)}") from exc
-        finally:
-            os.close(dfd)
-
-    def list_executables(self, directory: Path) -> list[str]:
-        """Names of the regular files in ``directory`` with an execute bit, sorted; links and
-        subdirectories are ignored. A missing directory has none."""
-        directory = Path(directory)
-        try:
-            dfd = self._open_dir(directory)
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise BackendError(f"cannot list {directory}: {_describe(exc)}") from exc
-        try:
-            with os.scandir(dfd) as entries:
-                return sorted(
-                    entry.name for entry in entries
-                    if stat.S_ISREG((mode := entry.stat(follow_symlinks=False).st_mode)) and mode & 0o111
-                )
-        except OSError as exc:
-            raise BackendError(f"cannot list {directory}: {_describe(exc)}") from exc
-        finally:
-            os.close(dfd)
-
     # --- processes ------------------------------------------------------------------------
     def pids_of_uid(self, uid: int) -> list[int]:
         """Live (non-zombie) processes whose real or effective uid is ``uid``, from ``/proc``."""
-        found = []
-        own = os.getpid()
-        with os.scandir("/proc") as entries:
-            for entry in entries:
-                if not entry.name.isdigit() or int(entry.name) == own:
-                    continue
-                try:
-                    with open(f"/proc/{entry.name}/status", "rb") as status:
-                        text = status.read().decode("ascii", "replace")
-                except OSError:
-                    continue  # exited meanwhile
-                uids: list[str] = []
-                state = ""
-                for line in text.splitlines():
-                    if line.startswith("State:"):
-                        state = line.split()[1] if len(line.split()) > 1 else ""
-                    elif line.startswith("Uid:"):
-                        uids = line.split()[1:3]
-                if state not in ("Z", "X") and str(uid) in uids:
-                    found.append(int(entry.name))
-        return sorted(found)
+        wanted = str(uid)
+        return sorted(pid for pid, ids in _live_processes() if wanted in ids)
 
     def pids_by_uid(self, uids: Collection[int]) -> dict[int, list[int]]:
         """Like :meth:`pids_of_uid` for several uids in ONE pass over ``/proc``: uid -> sorted
@@ -466,28 +175,10 @@ class Host:
         of ``uids`` is listed under its real uid."""
         wanted = {str(uid): uid for uid in uids}
         found: dict[int, list[int]] = {uid: [] for uid in uids}
-        own = os.getpid()
-        with os.scandir("/proc") as entries:
-            for entry in entries:
-                if not entry.name.isdigit() or int(entry.name) == own:
-                    continue
-                try:
-                    with open(f"/proc/{entry.name}/status", "rb") as status:
-                        text = status.read().decode("ascii", "replace")
-                except OSError:
-                    continue
-                state, ids = "", []
-                for line in text.splitlines():
-                    if line.startswith("State:"):
-                        state = line.split()[1] if len(line.split()) > 1 else ""
-                    elif line.startswith("Uid:"):
-                        ids = line.split()[1:3]
-                        break
-                if state in ("Z", "X"):
-                    continue
-                owner = next((wanted[i] for i in ids if i in wanted), None)
-                if owner is not None:
-                    found[owner].append(int(entry.name))
+        for pid, ids in _live_processes():
+            owner = next((wanted[i] for i in ids if i in wanted), None)
+            if owner is not None:
+                found[owner].append(pid)
         for pids in found.values():
             pids.sort()
         return found
@@ -503,41 +194,6 @@ class Host:
         except OSError as exc:
             raise BackendError(f"cannot signal pid {pid}: {_describe(exc)}") from exc
 
-    def _open_log(self, path: Path, uid: int, gid: int) -> int:
-        """Open ``path`` for appending: a new file made for ``uid:gid``, or an existing regular
-        file of ``uid`` with one link. Anything else found there (a link, a FIFO, a hard link, a
-        file of someone else) is removed and replaced."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        dfd = self._open_dir(path.parent)
-        try:
-            for _ in range(3):
-                try:
-                    fd = os.open(path.name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
-                except FileExistsError:
-                    pass
-                else:
-                    try:
-                        os.fchown(fd, uid, gid)
-                    except OSError:
-                        os.close(fd)
-                        raise
-                    return fd
-                try:
-                    fd = os.open(path.name, flags, dir_fd=dfd)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-                        raise
-                else:
-                    info = os.fstat(fd)
-                    if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == uid:
-                        return fd
-                    os.close(fd)
-                self.remove_tree(path)
-            raise BackendError(f"cannot open log {path}: it keeps being replaced")
-        finally:
-            os.close(dfd)
 
     def spawn_detached(
         self,
@@ -627,3 +283,28 @@ def _join_then_drop(cgroups: list[Path], uid: int, gid: int, groups: list[int]) 
         os.setreuid(uid, uid)
 
     return join
+
+
+def _live_processes() -> Iterator[tuple[int, list[str]]]:
+    """``(pid, [real uid, effective uid])`` of every live process but this one, from one pass
+    over ``/proc``. Zombies are skipped (they cannot be killed and would keep a stop loop
+    spinning), and so are processes that exit during the scan."""
+    own = os.getpid()
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) == own:
+                continue
+            try:
+                with open(f"/proc/{entry.name}/status", "rb") as status:
+                    text = status.read().decode("ascii", "replace")
+            except OSError:
+                continue  # exited meanwhile
+            state, ids = "", []
+            for line in text.splitlines():
+                if line.startswith("State:"):
+                    state = line.split()[1] if len(line.split()) > 1 else ""
+                elif line.startswith("Uid:"):
+                    ids = line.split()[1:3]
+                    break
+            if state not in ("Z", "X"):
+                yield int(entry.name), ids

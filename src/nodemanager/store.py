@@ -37,42 +37,24 @@ import msgspec
 from .core.errors import StoreCorrupt, StoreError
 from .core.records import INSTANTIATIONS, AccountState, Loan, Phase, Sliver, ValveState
 from .storefile import SCHEMA_VERSION, open_database, store_error
+from .storerows import (
+    ACCOUNT_COLUMNS,
+    SLIVER_COLUMNS,
+    UPSERT_ACCOUNT,
+    UPSERT_MARK,
+    UPSERT_META,
+    UPSERT_SLIVER,
+    account_from_row,
+    account_row,
+    sliver_from_row,
+    sliver_row,
+    valve_from_text,
+    valve_text,
+)
 
 __all__ = ["SCHEMA_VERSION", "Store"]
 
 _VALVE_KEY = "valve"
-
-
-def _upsert(table: str, columns: tuple[str, ...]) -> str:
-    """``INSERT ... ON CONFLICT DO UPDATE`` on the first column (the key): unlike ``INSERT OR
-    REPLACE`` it updates the row in place instead of deleting and re-inserting it."""
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
-    marks = ", ".join("?" * len(columns))
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) "
-        f"ON CONFLICT ({columns[0]}) DO UPDATE SET {updates}"
-    )
-
-
-_SLIVER_FIELDS = (
-    "name", "slice_id", "instantiation", "expires", "timestamp", "source", "keys", "attributes",
-    "initscript", "controller",
-)
-_ACCOUNT_FIELDS = (
-    "name", "uid", "owned", "applied", "phase", "failures", "last_error", "retry_at",
-    "create_requested",
-)
-_SLIVER_COLUMNS = ", ".join(_SLIVER_FIELDS)
-_ACCOUNT_COLUMNS = ", ".join(_ACCOUNT_FIELDS)
-_UPSERT_SLIVER = _upsert("slivers", _SLIVER_FIELDS)
-_UPSERT_ACCOUNT = _upsert("accounts", _ACCOUNT_FIELDS)
-_UPSERT_META = _upsert("meta", ("key", "value"))
-_UPSERT_MARK = _upsert("ticket_marks", ("slice", "issued"))
-
-_encode = msgspec.json.Encoder().encode
-_decode_keys = msgspec.json.Decoder(tuple[str, ...]).decode
-_decode_attributes = msgspec.json.Decoder(tuple[tuple[str, str], ...]).decode
-_decode_valve = msgspec.json.Decoder(dict[str, object]).decode
 
 
 class Store:
@@ -135,9 +117,9 @@ class Store:
         with self._lock:
             if self._sliver_cache is None:
                 with self._transaction("read slivers", write=False) as conn:
-                    rows = conn.execute(f"SELECT {_SLIVER_COLUMNS} FROM slivers").fetchall()
+                    rows = conn.execute(f"SELECT {SLIVER_COLUMNS} FROM slivers").fetchall()
                 with self._converting("unreadable sliver records"):
-                    self._sliver_cache = {row[0]: _sliver(row) for row in rows}
+                    self._sliver_cache = {row[0]: sliver_from_row(row) for row in rows}
             return dict(self._sliver_cache)
 
     def sliver(self, name: str) -> Sliver | None:
@@ -146,10 +128,10 @@ class Store:
             return cache.get(name)
         with self._transaction("read sliver", write=False) as conn:
             row = conn.execute(
-                f"SELECT {_SLIVER_COLUMNS} FROM slivers WHERE name = ?", (name,)
+                f"SELECT {SLIVER_COLUMNS} FROM slivers WHERE name = ?", (name,)
             ).fetchone()
         with self._converting(f"unreadable sliver record {name!r}"):
-            return None if row is None else _sliver(row)
+            return None if row is None else sliver_from_row(row)
 
     def apply_records(
         self,
@@ -164,16 +146,16 @@ class Store:
         """
         upserts = list(upserts)
         with self._converting("cannot store sliver records"):
-            rows = [_sliver_row(s) for s in upserts]
+            rows = [sliver_row(s) for s in upserts]
         names = [(name,) for name in deletes]
         pairs = list((meta or {}).items())
         if not rows and not names and not pairs:
             return
         with self._lock:
             with self._transaction("apply records") as conn:
-                conn.executemany(_UPSERT_SLIVER, rows)
+                conn.executemany(UPSERT_SLIVER, rows)
                 conn.executemany("DELETE FROM slivers WHERE name = ?", names)
-                conn.executemany(_UPSERT_META, pairs)
+                conn.executemany(UPSERT_META, pairs)
             if self._sliver_cache is not None:
                 self._sliver_cache.update((s.name, s) for s in upserts)
                 for (name,) in names:
@@ -184,9 +166,9 @@ class Store:
         with self._lock:
             if self._account_cache is None:
                 with self._transaction("read accounts", write=False) as conn:
-                    rows = conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts").fetchall()
+                    rows = conn.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts").fetchall()
                 with self._converting("unreadable account states"):
-                    self._account_cache = {row[0]: _account(row) for row in rows}
+                    self._account_cache = {row[0]: account_from_row(row) for row in rows}
             return dict(self._account_cache)
 
     def account(self, name: str) -> AccountState | None:
@@ -195,18 +177,18 @@ class Store:
             return cache.get(name)
         with self._transaction("read account", write=False) as conn:
             row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", (name,)
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", (name,)
             ).fetchone()
         with self._converting(f"unreadable account state {name!r}"):
-            return None if row is None else _account(row)
+            return None if row is None else account_from_row(row)
 
     def put_account(self, state: AccountState) -> None:
         """Insert or replace the state of ``state.name``."""
         with self._converting(f"cannot store account state {state.name!r}"):
-            row = _account_row(state)
+            row = account_row(state)
         with self._lock:
             with self._transaction("write account") as conn:
-                conn.execute(_UPSERT_ACCOUNT, row)
+                conn.execute(UPSERT_ACCOUNT, row)
             if self._account_cache is not None:
                 self._account_cache[state.name] = state
 
@@ -228,10 +210,10 @@ class Store:
         with self._lock:
             with self._transaction("record failure") as conn:
                 row = conn.execute(
-                    f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", (name,)
+                    f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", (name,)
                 ).fetchone()
                 with self._converting(f"unreadable account state {name!r}"):
-                    old = AccountState(name=name) if row is None else _account(row)
+                    old = AccountState(name=name) if row is None else account_from_row(row)
                 new = AccountState(
                     name=name,
                     uid=old.uid,
@@ -243,7 +225,7 @@ class Store:
                     retry_at=float(retry_at),
                     create_requested=old.create_requested,
                 )
-                conn.execute(_UPSERT_ACCOUNT, _account_row(new))
+                conn.execute(UPSERT_ACCOUNT, account_row(new))
             if self._account_cache is not None:
                 self._account_cache[name] = new
         return new
@@ -272,7 +254,7 @@ class Store:
     def _mark_owned(self, rows: list[tuple[str]]) -> None:
         with self._transaction("mark owned", durable=True) as conn:
             conn.executemany(
-                f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}) "
+                f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) "
                 f"VALUES (?, NULL, 1, '', '{Phase.ABSENT.value}', 0, '', 0.0, 0) "
                 f"ON CONFLICT (name) DO UPDATE SET owned = 1, uid = NULL, "
                 f"phase = '{Phase.ABSENT.value}' WHERE owned = 0",
@@ -337,27 +319,18 @@ class Store:
         if not pairs:
             return
         with self._transaction("write meta") as conn:
-            conn.executemany(_UPSERT_META, pairs)
+            conn.executemany(UPSERT_META, pairs)
 
     def valve(self) -> ValveState:
         """The safety valve's memory (an empty ``ValveState`` when never set)."""
         raw = self.get_meta(_VALVE_KEY)
-        if not raw:
-            return ValveState()
         try:
-            data = _decode_valve(raw)
-            held, seen = data["held"], data["seen"]
-            if not isinstance(held, list) or not all(isinstance(n, str) for n in held):
-                raise ValueError("held is not a list of names")
-            if not isinstance(seen, int) or isinstance(seen, bool):
-                raise ValueError("seen is not an integer")
+            return valve_from_text(raw)
         except (msgspec.DecodeError, KeyError, ValueError) as exc:
             raise StoreError(f"store {self.path}: unreadable valve state: {exc}") from exc
-        return ValveState(held=frozenset(held), seen=seen)
 
     def set_valve(self, valve: ValveState) -> None:
-        raw = _encode({"held": sorted(valve.held), "seen": valve.seen}).decode()
-        self.set_meta({_VALVE_KEY: raw})
+        self.set_meta({_VALVE_KEY: valve_text(valve)})
 
     # --- ticket replay marks (issue 4) ---
     def ticket_mark(self, slice_name: str) -> int | None:
@@ -371,7 +344,7 @@ class Store:
     def set_ticket_mark(self, slice_name: str, issued: int) -> None:
         """Remember ``issued`` as the slice's last accepted ticket time (overwrites)."""
         with self._transaction("write ticket mark", durable=True) as conn:
-            conn.execute(_UPSERT_MARK, (slice_name, issued))
+            conn.execute(UPSERT_MARK, (slice_name, issued))
 
     def redeem_ticket(self, sliver: Sliver, issued: int) -> bool:
         """Store a verified ticket's record and its replay mark in ONE durable transaction.
@@ -382,7 +355,7 @@ class Store:
         (which would let the same ticket be redeemed again) nor a mark without its record.
         """
         with self._converting(f"cannot store sliver record {sliver.name!r}"):
-            row = _sliver_row(sliver)
+            row = sliver_row(sliver)
         with self._lock:
             with self._transaction("redeem ticket", durable=True) as conn:
                 mark = conn.execute(
@@ -390,8 +363,8 @@ class Store:
                 ).fetchone()
                 if mark is not None and int(mark[0]) >= issued:
                     return False
-                conn.execute(_UPSERT_SLIVER, row)
-                conn.execute(_UPSERT_MARK, (sliver.name, issued))
+                conn.execute(UPSERT_SLIVER, row)
+                conn.execute(UPSERT_MARK, (sliver.name, issued))
             if self._sliver_cache is not None:
                 self._sliver_cache[sliver.name] = sliver
         return True
@@ -456,34 +429,3 @@ class Store:
             yield
         except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as exc:
             raise StoreError(f"store {self.path}: {what}: {exc}") from exc
-
-def _sliver_row(s: Sliver) -> tuple[object, ...]:
-    return (
-        s.name, s.slice_id, s.instantiation, s.expires, s.timestamp, s.source,
-        _encode(s.keys).decode(), _encode(s.attributes).decode(), s.initscript, s.controller,
-    )
-
-
-def _sliver(row: tuple[object, ...]) -> Sliver:
-    name, slice_id, inst, expires, stamp, source, keys, attrs, initscript, controller = row
-    return Sliver(
-        name, slice_id, inst, expires, stamp, source,  # type: ignore[arg-type]
-        () if keys == "[]" else _decode_keys(keys),  # type: ignore[arg-type]
-        () if attrs == "[]" else _decode_attributes(attrs),  # type: ignore[arg-type]
-        initscript, controller,  # type: ignore[arg-type]
-    )
-
-
-def _account_row(a: AccountState) -> tuple[object, ...]:
-    return (
-        a.name, a.uid, int(a.owned), a.applied, Phase(a.phase).value, a.failures, a.last_error,
-        float(a.retry_at), int(a.create_requested),
-    )
-
-
-def _account(row: tuple[object, ...]) -> AccountState:
-    name, uid, owned, applied, phase, failures, last_error, retry_at, create_requested = row
-    return AccountState(
-        name, uid, bool(owned), applied, Phase(phase), failures,  # type: ignore[arg-type]
-        last_error, retry_at, bool(create_requested),  # type: ignore[arg-type]
-    )

@@ -19,7 +19,7 @@ import xmlrpc.client
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -80,27 +80,29 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return conn, ("unix", 0)  # BaseHTTPRequestHandler wants a (host, port) address
 
 
-@pytest.fixture
-def unix_server(tmp_path: Path) -> Iterator[_UnixServer]:
-    server = _UnixServer(str(tmp_path / "api.sock"))
+ServerT = TypeVar("ServerT", bound=socketserver.BaseServer)
+
+
+def serving(server: ServerT) -> Iterator[ServerT]:
+    """Run ``server`` in a thread until the generator is closed (a fixture's teardown)."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
     thread.join(5)
+
+
+@pytest.fixture
+def unix_server(tmp_path: Path) -> Iterator[_UnixServer]:
+    yield from serving(_UnixServer(str(tmp_path / "api.sock")))
 
 
 @pytest.fixture
 def tcp_server() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.calls = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    yield from serving(server)
 
 
 # --- HTTP transports ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 from nodemanager.api.identity import PeerIdentity
 from nodemanager.api.server import ApiServer
 from nodemanager.core.errors import UnknownMethod
+from nodemanager.testing.rawhttp import connect_tcp, read_response
 
 READ_TIMEOUT = 0.5
 
@@ -60,11 +61,6 @@ def server(dispatch: RecordingDispatch) -> Iterator[ApiServer]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def connect_tcp(server: ApiServer) -> socket.socket:
-    assert server.tcp_address is not None
-    return socket.create_connection(server.tcp_address, timeout=10)
-
-
 def connect_unix(server: ApiServer) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
@@ -77,23 +73,6 @@ CONNECTS = [pytest.param(connect_tcp, id="tcp"), pytest.param(connect_unix, id="
 
 def post(body: bytes, extra: str = "") -> bytes:
     return f"POST / HTTP/1.1\r\nContent-Type: text/xml\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response: {data!r}"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        assert chunk
-        rest += chunk
-    return int(lines[0].split()[1]), headers, rest[:length]
 
 
 def call_raw(sock: socket.socket, body: bytes) -> Any:

@@ -36,6 +36,7 @@ from nodemanager.api.wire import (
     parse_request,
 )
 from nodemanager.core import errors
+from nodemanager.testing.rawhttp import connect_tcp, read_response
 
 IS_ROOT = os.geteuid() == 0
 ROOT_REASON = "needs root (creates accounts, runs processes as them)"
@@ -136,32 +137,13 @@ PROXIES = [pytest.param(tcp_proxy, id="tcp"), pytest.param(unix_proxy, id="unix"
 def raw_exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send one request; read one response (status, lower-cased headers, body)."""
     sock.sendall(request)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response head: {data!r}"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        assert chunk
-        rest += chunk
-    return int(lines[0].split()[1]), headers, rest[:length]
+    return read_response(sock)
 
 
 def post(body: bytes, *, version: str = "HTTP/1.1", extra: str = "") -> bytes:
     return (
         f"POST / {version}\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
     ).encode() + body
-
-
-def connect_tcp(server: ApiServer) -> socket.socket:
-    assert server.tcp_address is not None
-    sock = socket.create_connection(server.tcp_address, timeout=10)
-    return sock
 
 
 def is_closed(sock: socket.socket) -> bool:

@@ -8,7 +8,6 @@ import os
 import stat
 import time
 import xmlrpc.client
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,31 +91,23 @@ def password_auth(user: str, password: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def data_file(tmp_path: Path) -> Path:
+def authority_file(tmp_path: Path) -> Path:
+    """This module's data file (overrides conftest's), dated ``MTIME``; conftest's ``authority``
+    fixture serves it."""
     path = tmp_path / "authority.toml"
     path.write_text(TOML)
     os.utime(path, (MTIME, MTIME))
     return path
 
 
-@pytest.fixture
-def server(data_file: Path) -> Iterator[AuthorityServer]:
-    authority = AuthorityServer(data_file, "127.0.0.1", 0)
-    authority.start()
-    try:
-        yield authority
-    finally:
-        authority.stop()
-
-
-def call(server: AuthorityServer, method: str, *params: Any) -> Any:
-    proxy = xmlrpc.client.ServerProxy(server.url)
+def call(authority: AuthorityServer, method: str, *params: Any) -> Any:
+    proxy = xmlrpc.client.ServerProxy(authority.url)
     with proxy:
         return getattr(proxy, method)(*params)
 
 
-def certificate(data_file: Path, tmp_path: Path) -> Any:
-    return load_ticket_certificate(export_certificate(data_file, tmp_path / "exported.pem"))
+def certificate(authority_file: Path, tmp_path: Path) -> Any:
+    return load_ticket_certificate(export_certificate(authority_file, tmp_path / "exported.pem"))
 
 
 # --- the signing identity ------------------------------------------------------------------------
@@ -171,8 +162,8 @@ def test_configured_paths_are_relative_to_the_data_file(tmp_path: Path) -> None:
     assert (tmp_path / "out.pem").read_bytes() == (tmp_path / "sign.crt").read_bytes()
 
 
-def test_export_certificate_defaults_next_to_the_data_file(data_file: Path, tmp_path: Path) -> None:
-    out = export_certificate(data_file, tmp_path / "authority.pem")
+def test_export_certificate_defaults_next_to_the_data_file(authority_file: Path, tmp_path: Path) -> None:
+    out = export_certificate(authority_file, tmp_path / "authority.pem")
     assert out.read_bytes() == (tmp_path / "authority.toml.cert.pem").read_bytes()
     assert stat.S_IMODE((tmp_path / "authority.toml.key.pem").stat().st_mode) == 0o600
     key = serialization.load_pem_private_key((tmp_path / "authority.toml.key.pem").read_bytes(), None)
@@ -182,10 +173,11 @@ def test_export_certificate_defaults_next_to_the_data_file(data_file: Path, tmp_
 # --- GetSliceTicket --------------------------------------------------------------------------------
 
 
-def test_a_controller_member_gets_a_verifiable_ticket(server: AuthorityServer, data_file: Path, tmp_path: Path) -> None:
+def test_a_controller_member_gets_a_verifiable_ticket(authority: AuthorityServer, authority_file: Path,
+                                                      tmp_path: Path) -> None:
     before = int(time.time())
-    ticket = call(server, "GetSliceTicket", password_auth("carol", "carol-secret"), "site_deleg")
-    data = verify_ticket(ticket, certificate(data_file, tmp_path))
+    ticket = call(authority, "GetSliceTicket", password_auth("carol", "carol-secret"), "site_deleg")
+    data = verify_ticket(ticket, certificate(authority_file, tmp_path))
     assert (data.slice_name, data.slice_id, data.instantiation, data.controller) == (
         "site_deleg", 11, "delegated", "site_ctrl")
     assert data.node_ids == (1, 2)
@@ -197,21 +189,22 @@ def test_a_controller_member_gets_a_verifiable_ticket(server: AuthorityServer, d
     assert data.slice_expires == MTIME + 30 * 86400
 
 
-def test_issued_increases_and_is_never_older_than_the_data(server: AuthorityServer, data_file: Path,
+def test_issued_increases_and_is_never_older_than_the_data(authority: AuthorityServer, authority_file: Path,
                                                            tmp_path: Path) -> None:
-    cert = certificate(data_file, tmp_path)
+    cert = certificate(authority_file, tmp_path)
     auth = password_auth("carol", "carol-secret")
-    server.clock = lambda: MTIME - 1000.0  # a clock behind the data file's timestamp
-    first = verify_ticket(call(server, "GetSliceTicket", auth, "site_deleg"), cert)
-    second = verify_ticket(call(server, "GetSliceTicket", auth, "site_deleg"), cert)
-    assert first.issued == server.data().timestamp
+    authority.clock = lambda: MTIME - 1000.0  # a clock behind the data file's timestamp
+    first = verify_ticket(call(authority, "GetSliceTicket", auth, "site_deleg"), cert)
+    second = verify_ticket(call(authority, "GetSliceTicket", auth, "site_deleg"), cert)
+    assert first.issued == authority.data().timestamp
     assert second.issued == first.issued + 1
     assert first.ticket_id != second.ticket_id
 
 
-def test_a_slice_on_every_node_lists_every_node(server: AuthorityServer, data_file: Path, tmp_path: Path) -> None:
-    ticket = call(server, "GetSliceTicket", password_auth("dave", "dave-secret"), "site_everywhere")
-    assert verify_ticket(ticket, certificate(data_file, tmp_path)).node_ids == (1, 2, 3)
+def test_a_slice_on_every_node_lists_every_node(authority: AuthorityServer, authority_file: Path,
+                                                tmp_path: Path) -> None:
+    ticket = call(authority, "GetSliceTicket", password_auth("dave", "dave-secret"), "site_everywhere")
+    assert verify_ticket(ticket, certificate(authority_file, tmp_path)).node_ids == (1, 2, 3)
 
 
 @pytest.mark.parametrize(
@@ -230,17 +223,17 @@ def test_a_slice_on_every_node_lists_every_node(server: AuthorityServer, data_fi
     ids=["bad-password", "unknown-user", "no-password", "not-password-auth", "node-auth", "not-a-member",
          "not-delegated", "controller-itself", "unknown-slice"],
 )
-def test_get_slice_ticket_refusals(server: AuthorityServer, auth: Any, slice_name: str, code: int,
+def test_get_slice_ticket_refusals(authority: AuthorityServer, auth: Any, slice_name: str, code: int,
                                    message: str) -> None:
     with pytest.raises(xmlrpc.client.Fault) as caught:
-        call(server, "GetSliceTicket", auth, slice_name)
+        call(authority, "GetSliceTicket", auth, slice_name)
     assert caught.value.faultCode == code
     assert message in caught.value.faultString
 
 
-def test_get_slice_ticket_argument_count(server: AuthorityServer) -> None:
+def test_get_slice_ticket_argument_count(authority: AuthorityServer) -> None:
     with pytest.raises(xmlrpc.client.Fault) as caught:
-        call(server, "GetSliceTicket", password_auth("carol", "carol-secret"))
+        call(authority, "GetSliceTicket", password_auth("carol", "carol-secret"))
     assert caught.value.faultCode == 101
 
 
@@ -256,21 +249,22 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["authority", *argv])
 
 
-def test_cli_prints_a_ticket(data_file: Path, tmp_path: Path) -> None:
-    args = parse("ticket", "site_deleg", "--data", str(data_file), "--node", "2", "--ttl", "90m")
+def test_cli_prints_a_ticket(authority_file: Path, tmp_path: Path) -> None:
+    args = parse("ticket", "site_deleg", "--data", str(authority_file), "--node", "2", "--ttl", "90m")
     assert args.handler is cmd_authority_ticket
     out = io.StringIO()
     assert cmd_authority_ticket(args, stdout=out) == 0
-    data = verify_ticket(out.getvalue(), certificate(data_file, tmp_path))
+    data = verify_ticket(out.getvalue(), certificate(authority_file, tmp_path))
     assert data.node_ids == (2,) and data.expires == data.issued + 5400
     assert data.issued >= MTIME
 
 
-def test_cli_writes_a_private_output_file(data_file: Path, tmp_path: Path) -> None:
+def test_cli_writes_a_private_output_file(authority_file: Path, tmp_path: Path) -> None:
     target = tmp_path / "ticket.xml"
-    assert cmd_authority_ticket(parse("ticket", "site_deleg", "--data", str(data_file), "--output", str(target))) == 0
+    argv = parse("ticket", "site_deleg", "--data", str(authority_file), "--output", str(target))
+    assert cmd_authority_ticket(argv) == 0
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert verify_ticket(target.read_text(), certificate(data_file, tmp_path)).node_ids == (1, 2)
+    assert verify_ticket(target.read_text(), certificate(authority_file, tmp_path)).node_ids == (1, 2)
 
 
 @pytest.mark.parametrize(
@@ -282,12 +276,12 @@ def test_cli_writes_a_private_output_file(data_file: Path, tmp_path: Path) -> No
         (("site_nothing",), InvalidArgument, "no slice"),
     ],
 )
-def test_cli_refusals(data_file: Path, argv: tuple[str, ...], error: type[Exception], message: str) -> None:
+def test_cli_refusals(authority_file: Path, argv: tuple[str, ...], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
-        cmd_authority_ticket(parse("ticket", *argv, "--data", str(data_file)), stdout=io.StringIO())
+        cmd_authority_ticket(parse("ticket", *argv, "--data", str(authority_file)), stdout=io.StringIO())
 
 
-def test_serve_export_cert_option(data_file: Path) -> None:
+def test_serve_export_cert_option(authority_file: Path) -> None:
     args = parse("serve", "--export-cert", "/x/authority.pem")
     assert args.export_cert == Path("/x/authority.pem")
 

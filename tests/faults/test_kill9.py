@@ -14,14 +14,10 @@ while it runs. After the last kill a ``sync --once`` must converge:
 
 from __future__ import annotations
 
-import json
 import os
-import pwd
 import random
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import xmlrpc.client
@@ -33,13 +29,19 @@ import pytest
 
 from nodemanager.api.client import local_proxy
 from nodemanager.store import Store
+from nodemanager.testing.accounts import account_entries, purge_accounts
+from nodemanager.testing.daemonproc import (
+    run_nodemanager,
+    start_nodemanager,
+    write_daemon_config,
+    write_slivers_document,
+)
 
 pytestmark = [
     pytest.mark.root, pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates real accounts"),
 ]
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 PREFIX = "nmf"
 ITERATIONS = 20
 BUDGET_S = 90.0
@@ -48,66 +50,17 @@ STABLE = [f"site_lend{i}" for i in range(4)]  # lenders and recipients; never re
 
 
 def write_doc(path: Path, names: list[str], timestamp: int) -> None:
-    slivers = [{
-        "name": name, "slice_id": i + 1, "instantiation": "plc-instantiated",
-        "expires": int(time.time()) + 86400,
-        "keys": [{"key_type": "ssh", "key": KEY.format(i)}],
-        "attributes": [{"tagname": "nm_cpu_share", "value": "4"}],
-    } for i, name in enumerate(names)]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"timestamp": timestamp, "node_id": 1, "slivers": slivers}))
-    tmp.replace(path)
-
-
-def our_accounts() -> dict[str, pwd.struct_passwd]:
-    return {p.pw_name: p for p in pwd.getpwall() if p.pw_name.startswith(PREFIX + "site_")}
-
-
-def cleanup() -> None:
-    for name in our_accounts():
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
-        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+    write_slivers_document(path, names, timestamp, key_template=KEY, attributes={"nm_cpu_share": "4"})
 
 
 @pytest.fixture
 def node(short_dir: Path, home_root: Path) -> Iterator[tuple[Path, Path, Path]]:
-    cleanup()
-    (short_dir / "node_id").write_text("1\n")
+    purge_accounts(PREFIX + "site_")
     doc = short_dir / "slivers.json"
-    config = short_dir / "nm.toml"
-    config.write_text(f"""
-[node]
-data_dir = "{short_dir / 'data'}"
-log_file = "{short_dir / 'nm.log'}"
-[authority]
-url = "file://{doc}"
-node_id_file = "{short_dir / 'node_id'}"
-poll_interval = 1
-poll_jitter = 0
-[api]
-tcp = ""
-unix_socket = "{short_dir / 'api.sock'}"
-[metrics]
-listen = ""
-[slivers]
-home_root = "{home_root}"
-name_prefix = "{PREFIX}"
-workers = 4
-stop_grace = 1
-[enforce]
-cpu = false
-memory = false
-bandwidth = false
-disk = false
-""")
+    config = write_daemon_config(short_dir, doc, unix_socket=str(short_dir / "api.sock"), slivers={
+        "home_root": str(home_root), "name_prefix": PREFIX, "workers": 4, "stop_grace": 1})
     yield doc, config, short_dir
-    cleanup()
-
-
-def nodemanager(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nodemanager", "-c", str(config), *args],
-                          env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True,
-                          timeout=180, check=False)
+    purge_accounts(PREFIX + "site_")
 
 
 class ApiClient(threading.Thread):
@@ -158,10 +111,7 @@ def test_kill_9_during_syncs_and_api_calls(node: tuple[Path, Path, Path]) -> Non
         current = [n for n in current if n not in removed] + [next(fresh), next(fresh)]
         timestamp += 10
         write_doc(doc, current, timestamp)
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "nodemanager", "-c", str(config), "run", "--quiet"],
-            env={**os.environ, "PYTHONPATH": str(SRC)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        daemon = start_nodemanager(config, "run", "--quiet")
         client = ApiClient(base / "api.sock", rng, sent, counter)
         client.start()
         try:
@@ -177,15 +127,15 @@ def test_kill_9_during_syncs_and_api_calls(node: tuple[Path, Path, Path]) -> Non
     assert iterations >= ITERATIONS, f"only {iterations} iterations in {BUDGET_S:.0f} s"
     assert answered > 0 and any(e[1] for entries in sent.values() for e in entries)
 
-    result = nodemanager(config, "sync", "--once")
+    result = run_nodemanager(config, "sync", "--once", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    again = nodemanager(config, "sync", "--once")
+    again = run_nodemanager(config, "sync", "--once", timeout=180)
     assert again.returncode == 0 and "no changes" in again.stdout, again.stdout + again.stderr[-3000:]
 
     expected = {PREFIX + n for n in current}
-    accounts = our_accounts()
+    accounts = account_entries(PREFIX + "site_")
     assert set(accounts) == expected
-    assert len({p.pw_uid for p in accounts.values()}) == len(accounts)
+    assert len({p.uid for p in accounts.values()}) == len(accounts)
     log = (base / "nm.log").read_text()
     created = Counter(re.findall(r"sliver=(\S+) event=created account=", log))  # one line per useradd
     assert created and not [n for n, c in created.items() if c > 1], created
@@ -193,7 +143,7 @@ def test_kill_9_during_syncs_and_api_calls(node: tuple[Path, Path, Path]) -> Non
     with Store(base / "data" / "nodemanager.sqlite") as store:
         states = store.accounts()
         assert {PREFIX + n for n, s in states.items() if s.owned} == expected
-        assert all(states[n].uid == accounts[PREFIX + n].pw_uid for n in current)
+        assert all(states[n].uid == accounts[PREFIX + n].uid for n in current)
         assert not [n for n, s in states.items() if s.failures or s.last_error]
         assert store.valve().held == frozenset()
         loans = store.loans()

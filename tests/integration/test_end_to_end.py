@@ -124,8 +124,10 @@ def test_daemon_against_bundled_authority_over_http(
         assert Path(alpha.pw_dir).stat().st_mode & 0o777 == 0o700
         assert manager.store.get_meta("bwcap_kbps") == "50000"
         started = Path(alpha.pw_dir, "started-uid")
-        for _ in range(100):  # Start is detached: wait for the initscript's file
-            if started.exists():
+        # Start is detached: wait for the initscript's output, not just its file (the shell's
+        # redirection creates the file before `id` writes to it).
+        for _ in range(100):
+            if started.exists() and started.read_text().strip():
                 break
             time.sleep(0.05)
         assert started.read_text().strip() == str(alpha.pw_uid)

@@ -29,7 +29,6 @@ as created by us. uid 0 is refused everywhere, whatever the store says.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +39,10 @@ from ..core.errors import AccountConflict, BackendError
 from ..core.records import NM_CONTROLLER, ObservedAccount, Sliver, is_valid_name, validate_name
 from ..host import CommandResult, Host, PasswdEntry
 from .delegate import SHELLS_FILE, DelegateShell, default_forward_command, wrapper_path_for
+from .processes import GRACE_POLL as GRACE_POLL  # re-exported: the stop timing lives in .processes
+from .processes import KILL_PAUSE as KILL_PAUSE
+from .processes import KILL_ROUNDS as KILL_ROUNDS
+from .processes import stop_processes
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -73,10 +76,6 @@ OPEN_PASSWORD, OPEN_EXPIRE = "*", ""
 LOCKED_PASSWORD, LOCKED_EXPIRE = "!*", "1"
 #: PATH given to programs started for a sliver.
 SLIVER_PATH = "/usr/local/bin:/usr/bin:/bin"
-#: Stop: SIGKILL rounds before giving up (a fork bomb ends well before), and the pause between.
-KILL_ROUNDS = 50
-KILL_PAUSE = 0.05
-GRACE_POLL = 0.1
 #: userdel exit statuses that still mean "the account is gone".
 _USERDEL_GONE = {0: "removed", 6: "already absent", 12: "removed, home left behind"}
 _USERDEL_BUSY = 8
@@ -435,37 +434,11 @@ class AccountBackend:
         logger.info("sliver=%s event=%s", name, "unlocked" if enabled else "locked")
 
     def _stop(self, name: str, uid: int) -> None:
-        """TERM every process of ``uid`` (also those appearing meanwhile), wait up to the grace
-        period, then SIGKILL in rounds until none is left (a forking sliver needs several)."""
-        pids = self.host.pids_of_uid(uid)
-        if not pids:
-            return
-        termed: set[int] = set()
-        deadline = self.host.monotonic() + self.stop_grace
-        while pids:
-            _signal_all(self.host, [p for p in pids if p not in termed], signal.SIGTERM)
-            termed.update(pids)
-            remaining = deadline - self.host.monotonic()
-            if remaining <= 0:
-                break
-            self.host.sleep(min(GRACE_POLL, remaining))
-            pids = self.host.pids_of_uid(uid)
-        rounds = 0
-        while pids:
-            if rounds == KILL_ROUNDS:
-                raise BackendError(
-                    f"{len(pids)} process(es) of uid {uid} survived {KILL_ROUNDS} rounds of SIGKILL"
-                )
-            rounds += 1
-            _signal_all(self.host, pids, signal.SIGKILL)
-            self.host.sleep(KILL_PAUSE)
-            pids = self.host.pids_of_uid(uid)
-        logger.info("sliver=%s event=stopped uid=%d processes=%d kill_rounds=%d", name, uid, len(termed), rounds)
-
-
-def _signal_all(host: Host, pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        host.kill(pid, sig)
+        """Stop every process of ``uid`` (see :func:`.processes.stop_processes`)."""
+        outcome = stop_processes(self.host, uid, self.stop_grace)
+        if outcome is not None:
+            logger.info("sliver=%s event=stopped uid=%d processes=%d kill_rounds=%d",
+                        name, uid, outcome.termed, outcome.kill_rounds)
 
 
 def _keys_content(name: str, keys: Sequence[str], *, restrict: bool = False) -> bytes:

@@ -245,28 +245,39 @@ def _collect(failures: list[str]) -> None:
         raise BackendError("; ".join(failures))
 
 
-class CpuEnforcer:
-    """``nm_cpu_share`` and ``nm_cpu_guaranteed_share`` as CPU weights (see module docstring)."""
+class _ControllerEnforcer:
+    """What the cpu and memory enforcers share: ``name`` is also the cgroup controller they need;
+    both are available once that controller is and their parent groups can be made, and both
+    remove a sliver by killing and removing its group (``CgroupTree.kill_and_remove``)."""
 
-    name = "cpu"
+    name: str
 
     def __init__(self, tree: CgroupTree) -> None:
         self.tree = tree
+
+    def available(self) -> str | None:
+        reason = self.tree.missing(self.name)
+        if reason is None:
+            try:
+                self.tree.ensure_parents()
+            except BackendError as exc:
+                return f"cannot prepare the {self.name} cgroup: {exc}"
+        return reason
+
+    def remove(self, name: str, uid: int) -> None:
+        self.tree.kill_and_remove(name)
+
+
+class CpuEnforcer(_ControllerEnforcer):
+    """``nm_cpu_share`` and ``nm_cpu_guaranteed_share`` as CPU weights (see module docstring)."""
+
+    name = "cpu"
 
     def _where(self) -> tuple[Hierarchy, str, WeightScale] | None:
         h = self.tree.hierarchy_for("cpu")
         if h is None:
             return None
         return (h, "cpu.weight", V2_WEIGHTS) if h.version == 2 else (h, "cpu.shares", V1_WEIGHTS)
-
-    def available(self) -> str | None:
-        reason = self.tree.missing("cpu")
-        if reason is None:
-            try:
-                self.tree.ensure_parents()
-            except BackendError as exc:
-                return f"cannot prepare the cpu cgroup: {exc}"
-        return reason
 
     def apply(self, rspecs: RSpecs, uids: Mapping[str, int], homes: Mapping[str, Path] | None = None) -> tuple[str, ...]:
         where = self._where()
@@ -290,9 +301,6 @@ class CpuEnforcer:
         _remove_empty_strays(self.tree, h, rspecs)
         _collect(failures)
         return plan.notes
-
-    def remove(self, name: str, uid: int) -> None:
-        self.tree.kill_and_remove(name)
 
     def observed(self) -> dict[str, dict[str, int]]:
         where = self._where()
@@ -318,28 +326,16 @@ class CpuEnforcer:
         }
 
 
-class MemoryEnforcer:
+class MemoryEnforcer(_ControllerEnforcer):
     """``nm_memory_max`` (KiB, 0 = unlimited) as the sliver group's memory limit."""
 
     name = "memory"
-
-    def __init__(self, tree: CgroupTree) -> None:
-        self.tree = tree
 
     def _where(self) -> tuple[Hierarchy, str] | None:
         h = self.tree.hierarchy_for("memory")
         if h is None:
             return None
         return (h, "memory.max") if h.version == 2 else (h, "memory.limit_in_bytes")
-
-    def available(self) -> str | None:
-        reason = self.tree.missing("memory")
-        if reason is None:
-            try:
-                self.tree.ensure_parents()
-            except BackendError as exc:
-                return f"cannot prepare the memory cgroup: {exc}"
-        return reason
 
     def apply(self, rspecs: RSpecs, uids: Mapping[str, int], homes: Mapping[str, Path] | None = None) -> tuple[str, ...]:
         where = self._where()
@@ -371,9 +367,6 @@ class MemoryEnforcer:
             return None
         number = int(value)
         return 0 if number >= _V1_UNLIMITED else number // 1024
-
-    def remove(self, name: str, uid: int) -> None:
-        self.tree.kill_and_remove(name)
 
     def observed(self) -> dict[str, dict[str, int]]:
         where = self._where()

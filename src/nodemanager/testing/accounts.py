@@ -11,14 +11,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..host import Host
+from ..host import Host, PasswdEntry
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def accounts_with_prefix(prefix: str, host: Host | None = None) -> set[str]:
     """Names of the accounts starting with ``prefix``."""
-    return {entry.name for entry in (host or Host()).all_users() if entry.name.startswith(prefix)}
+    return set(account_entries(prefix, host))
+
+
+def account_entries(prefix: str, host: Host | None = None) -> dict[str, PasswdEntry]:
+    """The passwd entries of the accounts starting with ``prefix``, by account name."""
+    return {entry.name: entry for entry in (host or Host()).all_users() if entry.name.startswith(prefix)}
 
 
 def purge_account(account: str, host: Host | None = None) -> None:
