@@ -25,6 +25,8 @@ def _when(epoch: float | None, now: float) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
     delta = epoch - now
     span = abs(delta)
+    if span < 60:
+        return f"{stamp} (just now)"
     rel = f"{span / 86400:.0f}d" if span >= 86400 else f"{span / 3600:.0f}h" if span >= 3600 else f"{span / 60:.0f}m"
     return f"{stamp} ({'in ' + rel if delta >= 0 else rel + ' ago'})"
 
