@@ -31,6 +31,7 @@ def purge_account(account: str, host: Host | None = None) -> None:
     host = host or Host()
     entry = host.getpwnam(account)
     if entry is not None and entry.uid != 0:
+        unmount_below(Path(entry.home), host)
         for _ in range(40):
             pids = host.pids_of_uid(entry.uid)
             if not pids:
@@ -46,6 +47,17 @@ def purge_account(account: str, host: Host | None = None) -> None:
             group.rmdir()
         except OSError:
             pass
+
+
+def unmount_below(path: Path, host: Host | None = None) -> None:
+    """Lazily unmount everything mounted at or below ``path`` (a sliver's disk image), deepest
+    first, so that removing the home cannot leave a mount (and its loop device) behind."""
+    host = host or Host()
+    raw = (host.read_file(Path("/proc/self/mounts")) or b"").decode("utf-8", "replace")
+    prefix = str(path).rstrip("/")
+    points = [line.split()[1].replace("\\040", " ") for line in raw.splitlines() if len(line.split()) > 1]
+    for point in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), reverse=True):
+        host.run(["umount", "-l", point], check=False)
 
 
 def purge_accounts(prefix: str) -> None:
