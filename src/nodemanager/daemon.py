@@ -154,6 +154,7 @@ class NodeManager:
             logger.warning("event=hollow-backend note=records-only,no-accounts-are-created")
         self.store.set_meta({META_BACKEND: self.backend.kind})
         self._cap: int | None = None
+        self.enforcement_loop: EnforcementLoop | None = None  # built below, once the pool exists
         self.enforcement = self._build_enforcement()
         self._read_cap()
         self.operations = SliverOperations(
@@ -164,7 +165,6 @@ class NodeManager:
             adopt_marked=self.store.get_meta(META_ADOPT) == "1",
         )
         self.pool = WorkerPool(config.slivers.workers)
-        self.enforcement_loop: EnforcementLoop | None = None
         if self.enforcement is not None:
             from .backends.account import AccountBackend
 
@@ -225,8 +225,8 @@ class NodeManager:
         changed, self._cap = cap != self._cap, cap
         if self.enforcement is not None:
             self.enforcement.set_node_cap(cap)
-            if changed and getattr(self, "enforcement_loop", None) is not None:
-                self.enforcement_loop.poke()  # type: ignore[union-attr]
+            if changed and self.enforcement_loop is not None:
+                self.enforcement_loop.poke()
 
     def _build_enforcement(self) -> EnforcementSet | None:
         """Resource enforcement for real accounts; the hollow backend has nothing to enforce."""

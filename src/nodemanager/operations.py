@@ -23,6 +23,7 @@ from dataclasses import replace
 from .backends.base import Backend
 from .clock import Clock
 from .core.errors import AccountConflict, NodeManagerError, NotAllowedForSliver, UnknownSliver
+from .core.lifecycle import transition
 from .core.records import AccountState, Phase, Sliver
 from .core.rspec import effective_rspecs, rspec_from_attributes
 from .store import Store
@@ -137,7 +138,7 @@ class SliverOperations:
         elif not state.owned:
             # Intent first, durably: if we die after useradd, the next cycle knows it is ours.
             self.store.mark_owned([name])
-            state = replace(state, owned=True, uid=None, phase=Phase.ABSENT)
+            state = replace(state, owned=True, uid=None, phase=transition(state.phase, Phase.ABSENT))
         if existing is None:
             recreated = state.uid is not None
             try:
@@ -146,7 +147,7 @@ class SliverOperations:
                 if state.uid is None:  # the name was never ours: give it back
                     self.store.put_account(replace(state, owned=False))
                 raise
-            state = replace(state, uid=uid, phase=Phase.STOPPED)
+            state = replace(state, uid=uid, phase=transition(state.phase, Phase.STOPPED))
             if recreated:
                 logger.warning("sliver=%s event=recreated uid=%d reason=account-disappeared", name, uid)
             else:
@@ -168,7 +169,8 @@ class SliverOperations:
             phase = Phase.RUNNING
             logger.info("sliver=%s event=started", name)
         self.store.put_account(
-            replace(state, applied=sliver.fingerprint(), phase=phase, failures=0, last_error="", retry_at=0.0)
+            replace(state, applied=sliver.fingerprint(), phase=transition(state.phase, phase), failures=0,
+                    last_error="", retry_at=0.0)
         )
         logger.info("sliver=%s event=configured", name)
         self.on_change(name)
@@ -180,7 +182,7 @@ class SliverOperations:
     def _destroy(self, name: str) -> None:
         state = self.store.account(name)
         if state is not None and state.owned:
-            self.store.put_account(replace(state, phase=Phase.DESTROYING))
+            self.store.put_account(replace(state, phase=transition(state.phase, Phase.DESTROYING)))
             self.backend.destroy(name)
             logger.info("sliver=%s event=destroyed", name)
         self.store.finish_destroy(name)
@@ -213,6 +215,7 @@ class SliverOperations:
             self.backend.start(sliver)
         else:
             self.backend.stop(name)
-        self.store.put_account(replace(state, phase=Phase.RUNNING if run else Phase.STOPPED))
+        new_phase = Phase.RUNNING if run else Phase.STOPPED
+        self.store.put_account(replace(state, phase=transition(state.phase, new_phase)))
         logger.info("sliver=%s event=%s", name, "started" if run else "stopped")
 
