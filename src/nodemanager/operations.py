@@ -141,10 +141,16 @@ class SliverOperations:
             state = replace(state, owned=True, uid=None, phase=transition(state.phase, Phase.ABSENT))
         if existing is None:
             recreated = state.uid is not None
+            if recreated:
+                # Forget the vanished account's uid before useradd: killed between useradd and
+                # the write below, the next cycle adopts the new account instead of taking it
+                # for one replaced by someone else.
+                state = replace(state, uid=None, phase=transition(state.phase, Phase.ABSENT))
+                self.store.put_account(state)
             try:
                 uid = self.backend.create(sliver)
             except AccountConflict:
-                if state.uid is None:  # the name was never ours: give it back
+                if not recreated:  # the name was never ours: give it back
                     self.store.put_account(replace(state, owned=False))
                 raise
             state = replace(state, uid=uid, phase=transition(state.phase, Phase.STOPPED))

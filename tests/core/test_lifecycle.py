@@ -13,10 +13,10 @@ A, S, R, F, D = Phase.ABSENT, Phase.STOPPED, Phase.RUNNING, Phase.FAILED, Phase.
 
 LEGAL = {
     A: {A, S, R, F},
-    S: {S, R, F, D},
-    R: {R, S, F, D},
+    S: {S, R, F, D, A},
+    R: {R, S, F, D, A},
     F: {F, S, R, D, A},
-    D: {D, A, F},
+    D: {D, A, F, S},
 }
 
 
@@ -36,7 +36,7 @@ def test_transition_accepts_legal_and_rejects_illegal(current: Phase, new: Phase
         assert not is_legal(current, new)
 
 
-@pytest.mark.parametrize(("current", "new"), [(A, D), (S, A), (R, A), (D, S), (D, R)])
+@pytest.mark.parametrize(("current", "new"), [(A, D), (D, R)])
 def test_notable_illegal_jumps(current: Phase, new: Phase) -> None:
     with pytest.raises(ValueError):
         transition(current, new)

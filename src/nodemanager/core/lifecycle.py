@@ -43,10 +43,13 @@ def _table(edges: Mapping[Phase, tuple[Phase, ...]]) -> _FrozenMapping:
 TRANSITIONS: Mapping[Phase, frozenset[Phase]] = _table(
     {
         Phase.ABSENT: (Phase.STOPPED, Phase.RUNNING, Phase.FAILED),
-        Phase.STOPPED: (Phase.RUNNING, Phase.FAILED, Phase.DESTROYING),
-        Phase.RUNNING: (Phase.STOPPED, Phase.FAILED, Phase.DESTROYING),
+        # -> ABSENT: the account vanished behind our back (drift) and is about to be re-created.
+        Phase.STOPPED: (Phase.RUNNING, Phase.FAILED, Phase.DESTROYING, Phase.ABSENT),
+        Phase.RUNNING: (Phase.STOPPED, Phase.FAILED, Phase.DESTROYING, Phase.ABSENT),
         Phase.FAILED: (Phase.STOPPED, Phase.RUNNING, Phase.DESTROYING, Phase.ABSENT),
-        Phase.DESTROYING: (Phase.ABSENT, Phase.FAILED),
+        # -> STOPPED: a destroy cut short (crash) of a sliver that is wanted again: the account
+        # is still there and is configured instead.
+        Phase.DESTROYING: (Phase.ABSENT, Phase.FAILED, Phase.STOPPED),
     }
 )
 
