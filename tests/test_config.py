@@ -29,10 +29,17 @@ def _contract_keys(text: str) -> dict[str, object]:
     return {f"{s}.{k}": v for s, keys in data.items() for k, v in keys.items()}
 
 
+#: Keys this project adds to config.md's list (README, "Where this deviates").
+EXTENSIONS = {
+    "slivers.keys_dir": "/etc/nodemanager/authorized_keys",
+    "slivers.group": "slivers",
+}
+
+
 def test_every_contract_key_exists_with_its_default() -> None:
     expected = _contract_keys(_contract_text())
     actual = _contract_keys(to_toml(Config()))
-    assert actual == expected
+    assert actual == {**expected, **EXTENSIONS}
 
 
 def test_example_file_equals_defaults() -> None:
@@ -51,6 +58,12 @@ def test_example_file_equals_defaults() -> None:
         ({"slivers": {"backend": "vserver"}}, "slivers.backend"),
         ({"slivers": {"name_prefix": "Bad-"}}, "slivers.name_prefix"),
         ({"tickets": {"create_on_redeem": "yes"}}, "tickets.create_on_redeem"),
+        ({"slivers": {"uid_base": 10}}, "slivers.uid_base"),
+        ({"slivers": {"keys_dir": "keys"}}, "slivers.keys_dir"),
+        ({"slivers": {"group": "Bad Group"}}, "slivers.group"),
+        ({"tickets": {"max_age": 0}}, "tickets.max_age"),
+        ({"accounts": {"manage_keys": ["root"]}}, "accounts.manage_keys"),
+        ({"conf_files": {"enabled": True}}, "conf_files.enabled"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, key: str) -> None:

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from nodemanager.core.errors import PoolClosed
 from nodemanager.workers import WorkerPool
 
 
@@ -157,9 +158,46 @@ def test_shutdown_cancels_pending_but_finishes_in_flight() -> None:
     release.set()
     closer.join(5)
     first.wait(5)
-    with pytest.raises(RuntimeError, match="shutting down"):
+    with pytest.raises(PoolClosed, match="shutting down"):
         pending.wait(5)
     assert finished == ["in-flight"]
     late = pool.submit("site_c", "ensure", lambda: None)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(PoolClosed):
         late.wait(1)
+
+
+def test_start_and_stop_coalesce_latest_wins() -> None:
+    """Alternating Start/Stop calls for one sliver cost one operation: the latest wanted run
+    state replaces the pending one, and every waiter gets its outcome."""
+    pool = WorkerPool(1)
+    hold = threading.Event()
+    ran: list[str] = []
+    first = pool.submit("site_a", "stop", lambda: hold.wait(5))
+    waiters = [pool.submit("site_a", kind, lambda kind=kind: ran.append(kind) or kind,
+                           replaces=frozenset({"start", "stop"}))
+               for kind in ("start", "stop", "start", "stop", "start")]
+    hold.set()
+    first.wait(5)
+    assert [w.wait(5) for w in waiters] == ["start"] * 5
+    assert ran == ["start"]
+    pool.shutdown()
+
+
+def test_done_callbacks_run_once_whenever_added() -> None:
+    pool = WorkerPool(1, start=False)
+    seen: list[object] = []
+    completion = pool.submit("site_a", "ensure", lambda: 7)
+    completion.add_done_callback(lambda c: seen.append(("early", c.wait())))
+    pool.start()
+    assert completion.wait(5) == 7
+    completion.add_done_callback(lambda c: seen.append(("late", c.wait())))
+    assert seen == [("early", 7), ("late", 7)]
+    pool.shutdown()
+
+
+def test_unstarted_pool_fails_waiters_on_shutdown() -> None:
+    pool = WorkerPool(2, start=False)
+    pending = pool.submit("site_a", "ensure", lambda: None)
+    pool.shutdown()
+    with pytest.raises(PoolClosed):
+        pending.wait(1)

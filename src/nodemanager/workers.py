@@ -5,8 +5,10 @@ lock. Here a fixed pool of ``slivers.workers`` threads serves per-sliver queues:
 
 * at most one operation per sliver is in flight, so a sliver's operations never overlap;
 * different slivers proceed in parallel, at most ``workers`` at a time;
-* a newer job of the same kind replaces the pending one (latest wins) and inherits its waiters,
-  so a burst of updates for one sliver costs one operation, not a backlog;
+* a newer job replaces the pending one of the same kind, or of a kind it names as coalescing with
+  it (``Start`` and ``Stop`` replace each other: the latest wanted run state wins), and inherits
+  its waiters, so a burst of updates or of alternating calls for one sliver costs one operation,
+  not a backlog;
 * the thread count is the pool size, whatever the number of slivers.
 
 What a job *does* is not known here: jobs are callables supplied by the caller (``sync`` builds
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .core.errors import PoolClosed
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,7 +37,7 @@ class Completion:
     A bare lock held until the job finishes: a full sync hands out one per sliver, and an
     ``Event`` (a condition variable and two locks) costs several times as much."""
 
-    __slots__ = ("_lock", "_finished", "_error", "_result")
+    __slots__ = ("_lock", "_finished", "_error", "_result", "_callbacks")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -41,6 +45,7 @@ class Completion:
         self._finished = False
         self._error: BaseException | None = None
         self._result: Any = None
+        self._callbacks: list[Callable[[Completion], None]] | None = None
 
     def _finish(self, result: Any, error: BaseException | None) -> None:
         if self._finished:
@@ -48,6 +53,22 @@ class Completion:
         self._result, self._error = result, error
         self._finished = True
         self._lock.release()
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            _call_safely(callback, self)
+
+    def add_done_callback(self, callback: Callable[[Completion], None]) -> None:
+        """Call ``callback(self)`` once the job has finished: at once (in this thread) if it
+        already has, else in the thread that finishes it. Lets a waiter (an API request) be told
+        of the outcome without holding a thread for it. A raising callback is logged, not
+        propagated: it must not break the worker that runs it."""
+        with _CALLBACK_LOCK:
+            if not self._finished:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        _call_safely(callback, self)
 
     def done(self) -> bool:
         return self._finished
@@ -63,6 +84,21 @@ class Completion:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+#: Guards the hand-over between ``add_done_callback`` and ``_finish`` (rare: one lock for all).
+_CALLBACK_LOCK = threading.Lock()
+
+
+def _call_safely(callback: Callable[[Completion], None], completion: Completion) -> None:
+    try:
+        callback(completion)
+    except Exception:  # noqa: BLE001 - a waiter's bug must not break the worker
+        logger.exception("event=completion-callback-failed")
+
+
+def _closed() -> PoolClosed:
+    return PoolClosed("the node manager is shutting down; the operation was not run")
 
 
 @dataclass
@@ -82,7 +118,9 @@ class _SliverQueue:
 class WorkerPool:
     """Per-sliver serialised, cross-sliver parallel execution of jobs on ``workers`` threads."""
 
-    def __init__(self, workers: int, *, name: str = "sliver-worker") -> None:
+    def __init__(self, workers: int, *, name: str = "sliver-worker", start: bool = True) -> None:
+        """``start=False`` builds the pool without its threads (the composition root builds
+        without side effects); :meth:`start` starts them. Work submitted meanwhile waits."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self._lock = threading.Lock()
@@ -95,6 +133,16 @@ class WorkerPool:
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
         ]
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the worker threads (idempotent)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
         for thread in self._threads:
             thread.start()
 
@@ -102,19 +150,23 @@ class WorkerPool:
         while (name := self._ready.get()) is not None:
             self._run_one(name)
 
-    def submit(self, name: str, kind: str, run: Callable[[], Any]) -> Completion:
+    def submit(
+        self, name: str, kind: str, run: Callable[[], Any], *, replaces: frozenset[str] = frozenset()
+    ) -> Completion:
         """Queue ``run`` for sliver ``name``; return its Completion.
 
-        If the last pending (not yet started) job of this sliver has the same ``kind``, it is
-        replaced by this one and its waiters will receive this job's outcome. Thread-safe.
+        If the last pending (not yet started) job of this sliver has the same ``kind``, or a kind
+        in ``replaces``, it is replaced by this one and its waiters will receive this job's
+        outcome. A pool that is shutting down finishes the Completion with ``PoolClosed``.
+        Thread-safe.
         """
         completion = Completion()
         with self._lock:
             if self._closed:
-                completion._finish(None, RuntimeError("the node manager is shutting down"))
+                completion._finish(None, _closed())
                 return completion
             squeue = self._queues.setdefault(name, _SliverQueue())
-            if squeue.pending and squeue.pending[-1].kind == kind:
+            if squeue.pending and (squeue.pending[-1].kind == kind or squeue.pending[-1].kind in replaces):
                 replaced = squeue.pending.pop()
                 job = _Job(kind, run, replaced.waiters + [completion])
             else:
@@ -134,7 +186,7 @@ class WorkerPool:
         result: Any = None
         error: BaseException | None = None
         if cancelled:
-            error = RuntimeError("the node manager is shutting down")
+            error = _closed()
         else:
             try:
                 result = job.run()
@@ -151,7 +203,7 @@ class WorkerPool:
                 squeue.active = False
                 for left in squeue.pending:
                     for waiter in left.waiters:
-                        waiter._finish(None, RuntimeError("the node manager is shutting down"))
+                        waiter._finish(None, _closed())
                 squeue.pending.clear()
                 del self._queues[name]
                 self._idle.notify_all()
@@ -176,6 +228,15 @@ class WorkerPool:
 
         With ``cancel_pending`` the jobs that have not started are dropped and their waiters told
         so; otherwise they run first."""
+        if not self._started:  # no thread ever ran: fail whatever waits, nothing runs it
+            with self._lock:
+                self._closed = True
+                for squeue in self._queues.values():
+                    for job in squeue.pending:
+                        for waiter in job.waiters:
+                            waiter._finish(None, _closed())
+                self._queues.clear()
+            return
         with self._lock:
             if cancel_pending:
                 self._closed = True

@@ -198,12 +198,6 @@ class NodeManagerApi:
                 f"{what} is still in progress after {self.operation_timeout:g} s; "
                 "it continues in the background"
             ) from None
-        except NodeManagerError:
-            raise
-        except Exception as exc:
-            if type(exc) is RuntimeError:  # the pool refuses or drops work while shutting down
-                raise OperationFailed(f"{what} failed: {exc}") from exc
-            raise
 
     # --- the methods (first docstring line = Help text) ----------------------------------------
     def Help(self, caller: Caller) -> str:  # noqa: N802 - XML-RPC method names are CamelCase

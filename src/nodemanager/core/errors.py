@@ -15,7 +15,10 @@ closed set of failures. Each class carries the XML-RPC fault code the API answer
     ├── OperationFailed (104)       a valid call whose operation failed or is not allowed here
     │   ├── BackendError            an OS operation on a sliver failed (account, process, file)
     │   │   └── AccountConflict     a foreign account already has the sliver's name
-    │   └── NotAllowedForSliver     e.g. Create of a non-delegated sliver
+    │   ├── NotAllowedForSliver     e.g. Create of a non-delegated sliver
+    │   ├── IllegalTransition       a sliver's phase cannot move that way (a bug or a crash
+    │   │                           left it there): that sliver's failure, never the daemon's
+    │   └── PoolClosed              the node manager is shutting down: the work was not done
     ├── PermissionDenied (108)      the caller's role does not allow the call
     ├── UnknownMethod (100)
     ├── WrongArgumentCount (101)
@@ -73,6 +76,14 @@ class AccountConflict(BackendError):
 
 class NotAllowedForSliver(OperationFailed):
     pass
+
+
+class IllegalTransition(OperationFailed):
+    """A sliver's phase cannot move from where it is to where an operation wants it."""
+
+
+class PoolClosed(OperationFailed):
+    """The worker pool stopped accepting or dropped the work: the node manager is shutting down."""
 
 
 class PermissionDenied(NodeManagerError):

@@ -24,6 +24,10 @@ KIB_PER_GIB = 1024 * 1024
 #: The per-sliver ``ceil`` when the node has no bandwidth cap (10 Gbit/s, in kbit/s).
 DEFAULT_NET_MAX_KBPS = 10_000_000
 
+#: Tasks (processes and threads) a sliver may have at once unless its attributes say otherwise:
+#: enough for ordinary work, small enough that a fork loop cannot exhaust the node's pids.
+DEFAULT_PIDS_MAX = 1024
+
 #: Every value is clamped to this so an RSpec always fits an XML-RPC ``<int>`` (32-bit signed),
 #: which is how ``GetRSpec``/``GetEffectiveRSpec`` return it.
 MAX_VALUE = 2**31 - 1
@@ -55,6 +59,7 @@ RESOURCES: dict[str, ResourceSpec] = {
         ResourceSpec("nm_net_max_rate", "kbit/s", DEFAULT_NET_MAX_KBPS, 8, True),
         ResourceSpec("nm_net_share", "weight", 1, 1, True),
         ResourceSpec("nm_disk_quota", "KiB, 0 = unlimited", 5 * KIB_PER_GIB, 0, False),
+        ResourceSpec("nm_pids_max", "tasks", DEFAULT_PIDS_MAX, 16, False),
     )
 }
 
