@@ -125,6 +125,28 @@ def test_empty_file_is_migrated(db_path: Path) -> None:
     assert quarantined(db_path) == []
 
 
+def test_version_1_store_is_migrated_keeping_its_rows(db_path: Path) -> None:
+    """Schema 2 added ``accounts.access``: a store written by schema 1 keeps every row and
+    reads the new column as "" (no signature recorded yet)."""
+    from nodemanager.storefile import MIGRATIONS
+
+    db_path.parent.mkdir()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO accounts VALUES ('site_a', 1234, 1, 'fp', 'running', 0, '', 0.0, 0)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Store(db_path) as s:
+        assert s.account("site_a") == AccountState(
+            name="site_a", uid=1234, owned=True, applied="fp", phase=Phase.RUNNING, access="")
+    conn = raw(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        conn.close()
+
+
 def test_newer_schema_is_refused_and_left_untouched(db_path: Path) -> None:
     Store(db_path).close()
     conn = raw(db_path)

@@ -65,6 +65,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) STRICT",
         "CREATE TABLE ticket_marks (slice TEXT PRIMARY KEY NOT NULL, issued INTEGER NOT NULL) STRICT",
     ),
+    # 2: the access signature last applied (lock state + authoritative keys), re-verified per cycle.
+    ("ALTER TABLE accounts ADD COLUMN access TEXT NOT NULL DEFAULT ''",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 TABLES = frozenset({"slivers", "accounts", "loans", "meta", "ticket_marks"})

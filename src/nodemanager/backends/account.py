@@ -56,10 +56,26 @@ LOCK_RETRY_DELAY_S = 0.25
 
 
 class AccountHooks(Protocol):
-    """What resource enforcement does at points of an account's life (see ``enforcing``)."""
+    """What resource enforcement does at points of an account's life (see ``enforcing``).
+
+    Called from worker threads (one call at a time per sliver)."""
+
+    def account_created(self, sliver: Sliver, uid: int) -> None:
+        """The account exists and nothing runs as ``uid`` yet: make the sliver's cgroups with its
+        limits now, so that the very first process of the uid (a login a millisecond later) is
+        placed into limits that already hold."""
+        ...
 
     def home_created(self, sliver: Sliver, uid: int, gid: int, home: Path) -> None:
         """The empty home exists; nothing is written in it yet (a disk image mounts here)."""
+        ...
+
+    def stop_processes(self, name: str, uid: int, grace: float) -> bool:
+        """End every process of the sliver: those in its cgroups and any process of ``uid``
+        outside them. TERM, up to ``grace`` seconds, then kill through the cgroup (freeze and
+        kill; ``cgroup.kill`` on v2), never by outrunning a fork loop. Returns False when cgroups
+        are not in use here (the backend then stops the uid's processes by pid itself); raises
+        ``BackendError`` when processes survive."""
         ...
 
     def start_cgroups(self, name: str) -> list[Path]:

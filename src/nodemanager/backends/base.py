@@ -24,7 +24,8 @@ class Backend(Protocol):
 
     def observe(self) -> dict[str, ObservedAccount]:
         """All sliver-like accounts on the machine, keyed by sliver name, in one cheap pass
-        (one read of the password database: no per-sliver calls). Thread-safe."""
+        (one read each of the password and shadow databases and one listing of the keys
+        directory: no per-sliver calls), with each account's access signature. Thread-safe."""
         ...
 
     def lookup(self, name: str) -> ObservedAccount | None:
@@ -40,8 +41,13 @@ class Backend(Protocol):
         half-made account."""
         ...
 
-    def configure(self, sliver: Sliver, rspec: Mapping[str, int]) -> None:
-        """Make keys, start scripts and the enabled flag match ``sliver``. Idempotent."""
+    def configure(self, sliver: Sliver, rspec: Mapping[str, int]) -> str:
+        """Make keys, start scripts and the enabled flag match ``sliver``. Idempotent.
+
+        What decides access is done first (lock state, stopping a disabled sliver, the
+        authoritative keys), so nothing the sliver did to its home can keep it enabled. Returns
+        the account's access signature afterwards (as ``observe`` reports it; "" for backends
+        that have none), which the caller records to detect later changes."""
         ...
 
     def start(self, sliver: Sliver) -> None:

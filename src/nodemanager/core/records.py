@@ -153,6 +153,9 @@ class AccountState:
 
     ``owned`` means the node manager itself created the account: only owned accounts are ever
     modified or removed. ``applied`` is the fingerprint of the Sliver last applied successfully.
+    ``access`` is the backend's access signature (lock state and authoritative keys, see
+    ``ObservedAccount.access``) right after that apply: the plan reconfigures a sliver whose
+    observed signature differs, so a changed lock or key file is repaired at the next cycle.
     """
 
     name: str
@@ -164,15 +167,21 @@ class AccountState:
     last_error: str = ""
     retry_at: float = 0.0
     create_requested: bool = False
+    access: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ObservedAccount:
-    """What the backend sees on the machine for one sliver name, from one cheap pass."""
+    """What the backend sees on the machine for one sliver name, from one cheap pass.
+
+    ``access`` is an opaque signature of what decides who may use the account (its lock state
+    and its authoritative keys file), "" when the backend has none (hollow). Equal signatures
+    mean nothing of that changed since the backend last computed it."""
 
     name: str
     uid: int
     managed_marker: bool = False
+    access: str = ""
 
 
 @dataclass(frozen=True, slots=True)
