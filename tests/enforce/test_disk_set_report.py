@@ -54,6 +54,7 @@ def config(**flags: bool) -> Config:
 
 def test_disabled_mechanisms_are_reported_not_ignored(host) -> None:  # type: ignore[no-untyped-def]
     enforcement = EnforcementSet.from_config(config(cpu=False, memory=False, bandwidth=False, disk=False), host)
+    enforcement.probe()
     assert enforcement.enforcers == []
     assert len(enforcement.problems()) == 4 and all("not enforced" in p for p in enforcement.problems())
     assert enforcement.place_processes({"a": 1001}) == 0 and enforcement.cgroups("a") == []
@@ -62,6 +63,8 @@ def test_disabled_mechanisms_are_reported_not_ignored(host) -> None:  # type: ig
 def test_unavailable_mechanism_is_a_problem_with_its_reason(host) -> None:  # type: ignore[no-untyped-def]
     host.fail_next("tc", stderr="tc: not installed")
     enforcement = EnforcementSet.from_config(config(cpu=False, memory=False, disk=False), host)
+    assert host.commands == []  # building probes nothing
+    enforcement.probe()
     assert enforcement.enforcers == []
     assert any(p.startswith("bandwidth:") and "tc" in p for p in enforcement.problems())
 

@@ -33,11 +33,15 @@ log = logging.getLogger(__name__)
 
 class EnforcementSet:
     def __init__(self, enforcers: list[Enforcer], *, tree: CgroupTree | None = None,
-                 disk: DiskEnforcer | None = None, problems: list[str] | None = None) -> None:
+                 disk: DiskEnforcer | None = None, problems: list[str] | None = None,
+                 candidates: list[Enforcer] | None = None) -> None:
+        """``enforcers`` are in use at once; ``candidates`` only after :meth:`probe` finds
+        that their mechanism works here (building a node must not touch the machine)."""
         self.enforcers = list(enforcers)
         self.tree = tree
         self.disk = disk
         self._problems = list(problems or [])
+        self._candidates = list(candidates or [])
         self.notes: tuple[str, ...] = ()
         #: Names of the enforcers whose last ``apply_all`` failed (for metrics).
         self.failed: tuple[str, ...] = ()
@@ -45,8 +49,8 @@ class EnforcementSet:
     @classmethod
     def from_config(cls, config: Config, host: Host, *, cgroup_group: str = "nodemanager",
                     nft_table: str = "nodemanager", cap_kbit: int | None = None) -> EnforcementSet:
-        """The enforcers ``config.enforce`` enables that work on this machine; the rest are
-        reported by :meth:`problems`."""
+        """The enforcers ``config.enforce`` enables, as candidates: :meth:`probe` keeps those
+        that work on this machine and reports the rest by :meth:`problems`."""
         e = config.enforce
         candidates: list[Enforcer] = []
         problems: list[str] = []
@@ -68,22 +72,28 @@ class EnforcementSet:
         if e.disk:
             disk = DiskEnforcer(host, Path(config.slivers.home_root), config.data_dir / "images")
             candidates.append(disk)
-        enabled: list[Enforcer] = []
-        for enforcer in candidates:
-            reason = enforcer.available()
-            if reason is None:
-                enabled.append(enforcer)
-            else:
-                problems.append(f"{enforcer.name}: {reason}")
         for resource, on in (("cpu", e.cpu), ("memory", e.memory), ("bandwidth", e.bandwidth), ("disk", e.disk)):
             if not on:
                 problems.append(f"{resource}: not enforced ([enforce] {resource} = false)")
-        if disk is not None and disk not in enabled:
-            disk = None
-        for p in problems:
-            log.warning("event=enforcement_unavailable problem=%r", p)
-        return cls(enabled, tree=tree if any(x.name in ("cpu", "memory") for x in enabled) else None,
-                   disk=disk, problems=problems)
+        return cls([], tree=tree, disk=disk, problems=problems, candidates=candidates)
+
+    def probe(self) -> None:
+        """Ask each candidate whether its mechanism works here (this prepares it: parent
+        cgroups, the images directory); keep those that do, report the others. Idempotent;
+        called once the node starts."""
+        candidates, self._candidates = self._candidates, []
+        for enforcer in candidates:
+            reason = enforcer.available()
+            if reason is None:
+                self.enforcers.append(enforcer)
+            else:
+                self._problems.append(f"{enforcer.name}: {reason}")
+        if self.disk is not None and self.disk not in self.enforcers:
+            self.disk = None
+        if not any(x.name in ("cpu", "memory") for x in self.enforcers):
+            self.tree = None
+        for problem in self._problems:
+            log.warning("event=enforcement_unavailable problem=%r", problem)
 
     def set_node_cap(self, kbit: int | None) -> None:
         """The node's bandwidth cap from the latest authority document (None: no cap)."""
