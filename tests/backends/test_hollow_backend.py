@@ -11,7 +11,6 @@ import pytest
 
 import nodemanager.backends.hollow as hollow_module
 from nodemanager.backends.hollow import FIRST_UID, HollowBackend
-from nodemanager.config import Config
 from nodemanager.core.errors import AccountConflict, BackendError
 from nodemanager.core.records import PLC_INSTANTIATED, Sliver
 
@@ -25,10 +24,20 @@ def make_sliver(name: str = "pl_test", **changes: object) -> Sliver:
 
 def test_announces_itself_at_construction(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="nodemanager.backends.hollow"):
-        backend = HollowBackend.from_config(Config(), None)
+        backend = HollowBackend()
     assert backend.kind == "hollow"
     assert "hollow backend: records only, no accounts are created" in caplog.text
     assert "records only" in (hollow_module.__doc__ or "")
+
+
+def test_uid_is_uid_base_plus_slice_id_and_never_shared() -> None:
+    assert HollowBackend().create(make_sliver("pl_a", slice_id=3)) == FIRST_UID + 3
+    backend = HollowBackend(uid_base=200000)
+    assert backend.create(make_sliver("pl_a", slice_id=7)) == 200007
+    with pytest.raises(AccountConflict, match="uid 200007"):
+        backend.create(make_sliver("pl_b", slice_id=7))
+    backend.destroy("pl_a")
+    assert backend.create(make_sliver("pl_a", slice_id=7)) == 200007
 
 
 def test_module_imports_nothing_that_reaches_the_os() -> None:
@@ -36,14 +45,6 @@ def test_module_imports_nothing_that_reaches_the_os() -> None:
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
     assert not imported & {"os", "subprocess", "pwd", "grp", "shutil", "socket"}
-
-
-def test_uids_start_at_first_uid_and_are_not_reused() -> None:
-    backend = HollowBackend()
-    first = backend.create(make_sliver("pl_a"))
-    backend.destroy("pl_a")
-    second = backend.create(make_sliver("pl_a"))
-    assert (first, second) == (FIRST_UID, FIRST_UID + 1)
 
 
 def test_calls_are_counted_per_method() -> None:
@@ -86,7 +87,7 @@ def test_concurrent_creates_get_distinct_uids() -> None:
 
     def work(start: int) -> None:
         for i in range(start, start + 50):
-            uid = backend.create(make_sliver(f"pl_s{i}"))
+            uid = backend.create(make_sliver(f"pl_s{i}", slice_id=i))
             with lock:
                 uids.append(uid)
 

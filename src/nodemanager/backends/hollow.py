@@ -4,8 +4,9 @@ It exists so the whole daemon (sync, workers, API, loans, tickets) can run unpri
 that many simulated nodes fit on one machine for scale tests. It makes no OS call at all and takes
 no ``Host``. It says what it is: a warning at construction, and ``kind = "hollow"`` for ``status``.
 
-Each "account" is an in-memory entry with a fake uid (from 100000 up, never reused) recording the
-keys, initscript and enabled flag last configured and whether it was started. ``calls`` counts
+Each "account" is an in-memory entry with the uid a real node would give it (``uid_base`` + the
+slice id, as the account backend does) recording the keys, initscript and enabled flag last
+configured and whether it was started. ``calls`` counts
 calls per method, so a benchmark can assert that unchanged slivers cost no backend call.
 """
 
@@ -16,14 +17,9 @@ import threading
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from ..core.errors import AccountConflict, BackendError
 from ..core.records import ObservedAccount, Sliver, validate_name
-
-if TYPE_CHECKING:
-    from ..config import Config
-    from ..host import Host
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +43,12 @@ class HollowAccount:
 class HollowBackend:
     kind = "hollow"
 
-    def __init__(self, *, first_uid: int = FIRST_UID) -> None:
+    def __init__(self, *, uid_base: int = FIRST_UID) -> None:
         self._lock = threading.Lock()
         self._accounts: dict[str, HollowAccount] = {}
-        self._next_uid = first_uid
+        self.uid_base = uid_base
         self.calls: Counter[str] = Counter()
         logger.warning("hollow backend: records only, no accounts are created")
-
-    @classmethod
-    def from_config(cls, config: Config, host: Host | None = None) -> HollowBackend:
-        """The configuration has nothing for this backend; ``host`` is accepted and ignored so
-        both backends build the same way."""
-        return cls()
 
     def account(self, name: str) -> HollowAccount | None:
         """The recorded state of ``name`` (for tests and the simulator)."""
@@ -83,13 +73,16 @@ class HollowBackend:
             self.calls["create"] += 1
             if name in self._accounts:
                 raise AccountConflict(f"sliver {name}: account {name!r} already exists")
-            uid = self._next_uid
-            self._next_uid += 1
+            uid = self.uid_base + sliver.slice_id
+            holder = next((a.name for a in self._accounts.values() if a.uid == uid), None)
+            if holder is not None:
+                raise AccountConflict(f"sliver {name}: uid {uid} (slice id {sliver.slice_id}) is taken by {holder}")
             self._accounts[name] = HollowAccount(name, uid)
         logger.info("sliver=%s event=created uid=%d backend=hollow", name, uid)
         return uid
 
-    def configure(self, sliver: Sliver, rspec: Mapping[str, int]) -> None:
+    def configure(self, sliver: Sliver, rspec: Mapping[str, int]) -> str:
+        """Records the keys, initscript and enabled flag; no access signature (returns "")."""
         enabled = rspec.get("nm_enabled", 1) != 0
         with self._lock:
             self.calls["configure"] += 1
@@ -98,6 +91,7 @@ class HollowBackend:
                           enabled=enabled, running=old.running and enabled)
             if new != old:
                 self._accounts[sliver.name] = replace(new, version=old.version + 1)
+        return ""
 
     def start(self, sliver: Sliver) -> None:
         with self._lock:
