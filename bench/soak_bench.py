@@ -1,6 +1,6 @@
 """Soak benchmark: 64 concurrent API clients for 60 s while 1,000 slivers keep changing.
 
-The node is a real ``NodeManager`` (hollow backend, its poll loop, the API on a Unix socket in a
+The node is a real ``Node`` (hollow backend, its poll loop, the API on a Unix socket in a
 temporary directory) fed a ``file://`` slivers.json of 1,000 slivers that is rewritten every few
 seconds (attributes of ~5 % of the slivers change and a few slivers are replaced, well under the
 safety valve). ``--clients`` connections (default 64), spread over ``--procs`` client processes so
@@ -123,17 +123,17 @@ def main() -> int:
         return client_main(socket_path, int(threads), float(seconds), methods.split(","), out)
 
     from nodemanager.config import parse_config
-    from nodemanager.daemon import NodeManager
+    from nodemanager.daemon import Node, build_node
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s %(message)s")
     base = Path(tempfile.mkdtemp(prefix="nm-soak-"))
     try:
-        return soak(args, base, parse_config, NodeManager)
+        return soak(args, base, parse_config, Node)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def soak(args: argparse.Namespace, base: Path, parse_config, NodeManager) -> int:  # noqa: ANN001, N803
+def soak(args: argparse.Namespace, base: Path, parse_config, Node) -> int:  # noqa: ANN001, N803
     rng = random.Random(6)
     doc = base / "slivers.json"
     (base / "node_id").write_text("1\n")
@@ -147,7 +147,7 @@ def soak(args: argparse.Namespace, base: Path, parse_config, NodeManager) -> int
         "metrics": {"listen": ""},
         "slivers": {"backend": "hollow", "workers": 4},
     })
-    manager = NodeManager(config)
+    manager = build_node(config)
     syncs: list[float] = []
     failed_syncs: list[str] = []
     first = threading.Event()

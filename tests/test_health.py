@@ -15,7 +15,7 @@ from nodemanager import health
 from nodemanager.cli import main
 from nodemanager.config import Config, parse_config
 from nodemanager.core.errors import AuthorityUnavailable
-from nodemanager.daemon import NodeManager, Overrides
+from nodemanager.daemon import Node, build_node
 from nodemanager.health import check_health, sd_notify, sync_deadline
 from nodemanager.testing.fakeauthority import FakeAuthority, make_sliver
 
@@ -39,12 +39,12 @@ def write_toml(tmp_path: Path, config: Config) -> Path:
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[NodeManager, Config]]:
+def running(tmp_path: Path) -> Iterator[tuple[Node, Config]]:
     """A daemon loop in a thread with the API on a Unix socket, after its first good sync."""
     config = make_config(tmp_path, unix_socket=str(tmp_path / "api.sock"))
     authority = FakeAuthority()
     authority.publish([make_sliver("site_alpha")])
-    manager = NodeManager(config, Overrides(fetch=authority.fetch))
+    manager = build_node(config, fetch=authority.fetch)
     synced = threading.Event()
     manager.on_sync.append(lambda outcome: synced.set())
     loop = threading.Thread(target=manager.run, daemon=True)
@@ -63,7 +63,7 @@ def test_no_daemon_is_unhealthy(tmp_path: Path) -> None:
 
 
 def test_a_running_daemon_is_healthy_and_the_cli_says_so(
-    running: tuple[NodeManager, Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    running: tuple[Node, Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manager, config = running
     report = check_health(config)
@@ -77,7 +77,7 @@ def test_a_running_daemon_is_healthy_and_the_cli_says_so(
 
 
 def test_an_old_last_good_sync_is_unhealthy(
-    running: tuple[NodeManager, Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    running: tuple[Node, Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manager, config = running
     limit = sync_deadline(config)
@@ -93,7 +93,8 @@ def test_an_old_last_good_sync_is_unhealthy(
 
 def test_an_api_that_does_not_answer_is_unhealthy(tmp_path: Path) -> None:
     served = make_config(tmp_path)  # the daemon serves no API ...
-    manager = NodeManager(served, Overrides(fetch=FakeAuthority().fetch))
+    manager = build_node(served, fetch=FakeAuthority().fetch)
+    manager.start(serve=False)
     try:
         assert manager.sync_once().ok
         assert check_health(served).line.endswith("api disabled")
@@ -109,7 +110,8 @@ def test_never_synced_is_fine_only_within_the_grace_period(tmp_path: Path) -> No
     config = make_config(tmp_path)
     authority = FakeAuthority()
     authority.error = AuthorityUnavailable("connection refused")
-    manager = NodeManager(config, Overrides(fetch=authority.fetch))
+    manager = build_node(config, fetch=authority.fetch)
+    manager.start(serve=False)
     try:
         assert not manager.sync_once().ok
         report = check_health(config)
@@ -127,7 +129,7 @@ def test_never_synced_is_fine_only_within_the_grace_period(tmp_path: Path) -> No
     [(os.ST_RDONLY, 100, "read-only file system"), (0, 0, "no space left")],
 )
 def test_a_read_only_or_full_store_is_unhealthy(
-    running: tuple[NodeManager, Config], monkeypatch: pytest.MonkeyPatch, flag: int, avail: int, reason: str
+    running: tuple[Node, Config], monkeypatch: pytest.MonkeyPatch, flag: int, avail: int, reason: str
 ) -> None:
     _, config = running
     real = os.statvfs(config.data_dir)
@@ -143,7 +145,8 @@ def test_a_read_only_or_full_store_is_unhealthy(
 
 def test_a_missing_store_is_unhealthy(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    manager = NodeManager(config, Overrides(fetch=FakeAuthority().fetch))
+    manager = build_node(config, fetch=FakeAuthority().fetch)
+    manager.start(serve=False)
     try:
         (config.data_dir / "nodemanager.sqlite").rename(config.data_dir / "moved.sqlite")
         report = check_health(config)

@@ -14,12 +14,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodemanager.api.client import local_proxy
 from nodemanager.config import Config, parse_config
 from nodemanager.core.authz import ANONYMOUS
-from nodemanager.core.errors import AuthorityUnavailable, ConfigError, DocumentRejected, StoreError, TicketRejected
+from nodemanager.core.errors import (
+    AccountConflict,
+    AuthorityUnavailable,
+    BackendError,
+    ConfigError,
+    DocumentRejected,
+    IllegalTransition,
+    StoreError,
+    TicketReason,
+    TicketRejected,
+)
 from nodemanager.core.records import AccountState, Phase, ValveState
-from nodemanager.daemon import CountedRedeemer, NodeManager, Overrides
+from nodemanager.daemon import CountedRedeemer, Node, build_node
 from nodemanager.metrics import NodeMetrics, parse_listen
 from nodemanager.store import Store
-from nodemanager.sync import SyncOutcome
+from nodemanager.sync import SyncOutcome, SyncResult
 from nodemanager.testing.fakeauthority import FakeAuthority, make_sliver
 
 
@@ -44,17 +54,17 @@ def test_sync_outcomes_duration_last_success_valve_and_rejections() -> None:
     assert value(metrics, "nodemanager_last_successful_sync_timestamp_seconds") == 0.0
     metrics.sync_finished(SyncOutcome(ok=True, message="ok", duration_s=0.2, rejected=3, valve_tripped=True))
     clock[0] += 60
-    metrics.sync_finished(SyncOutcome(ok=True, message="stale document ignored", result="stale"))
-    metrics.sync_finished(SyncOutcome(ok=False, message="authority unavailable: x", result="unavailable"))
-    metrics.sync_finished(SyncOutcome(ok=False, message="authority rejected: x", result="rejected"))
-    metrics.sync_failed("store-error")
+    metrics.sync_finished(SyncOutcome(ok=True, message="stale document ignored", result=SyncResult.STALE))
+    metrics.sync_finished(SyncOutcome(ok=False, message="authority unavailable: x", result=SyncResult.UNAVAILABLE))
+    metrics.sync_finished(SyncOutcome(ok=False, message="authority rejected: x", result=SyncResult.REJECTED))
+    metrics.sync_finished(SyncOutcome(ok=False, message="sync failed: StoreError", result=SyncResult.ERROR))
     assert value(metrics, "nodemanager_syncs_total", outcome="ok") == 1
     assert value(metrics, "nodemanager_syncs_total", outcome="stale") == 1
     assert value(metrics, "nodemanager_syncs_total", outcome="authority-unavailable") == 1
     assert value(metrics, "nodemanager_syncs_total", outcome="rejected") == 1
-    assert value(metrics, "nodemanager_syncs_total", outcome="store-error") == 1
-    assert value(metrics, "nodemanager_sync_duration_seconds_count") == 4
-    assert value(metrics, "nodemanager_sync_duration_seconds_bucket", le="0.25") == 4
+    assert value(metrics, "nodemanager_syncs_total", outcome="error") == 1
+    assert value(metrics, "nodemanager_sync_duration_seconds_count") == 5
+    assert value(metrics, "nodemanager_sync_duration_seconds_bucket", le="0.25") == 5
     # the last success is the stale cycle's (it ended well), not the failures'
     assert value(metrics, "nodemanager_last_successful_sync_timestamp_seconds") == clock[0]
     assert value(metrics, "nodemanager_safety_valve_trips_total") == 1
@@ -82,18 +92,19 @@ def test_api_requests_by_method_and_code_with_bounded_method_names() -> None:
 
 def test_ticket_and_enforcement_labels_are_bounded() -> None:
     metrics = NodeMetrics()
-    metrics.ticket_rejected("bad signature")
-    metrics.ticket_rejected("expired")
-    metrics.ticket_rejected("wrong_node")
-    metrics.ticket_rejected("something the verifier made up <script>")
+    metrics.ticket_rejected(TicketReason.SIGNATURE)
+    metrics.ticket_rejected(TicketReason.EXPIRED)
+    metrics.ticket_rejected(TicketReason.WRONG_NODE)
     metrics.enforcement_error("bandwidth")
     metrics.enforcement_error("CPU")
     metrics.enforcement_error("a new enforcer")
-    assert value(metrics, "nodemanager_ticket_rejections_total", reason="signature") == 1
+    assert value(metrics, "nodemanager_ticket_rejections_total", reason="bad-signature") == 1
     assert value(metrics, "nodemanager_ticket_rejections_total", reason="expired") == 1
     assert value(metrics, "nodemanager_ticket_rejections_total", reason="wrong-node") == 1
-    assert value(metrics, "nodemanager_ticket_rejections_total", reason="other") == 1
     assert value(metrics, "nodemanager_ticket_rejections_total", reason="replay") == 0
+    reasons = {dict(labels)["reason"] for (name, labels) in samples(metrics.render())
+               if name == "nodemanager_ticket_rejections_total"}
+    assert reasons == {reason.label for reason in TicketReason}
     assert value(metrics, "nodemanager_enforcement_errors_total", enforcer="bandwidth") == 1
     assert value(metrics, "nodemanager_enforcement_errors_total", enforcer="cpu") == 1
     assert value(metrics, "nodemanager_enforcement_errors_total", enforcer="other") == 1
@@ -162,7 +173,20 @@ def test_an_unreadable_store_does_not_break_the_scrape() -> None:
 
 def test_last_success_survives_a_restart_through_the_store(store: Store) -> None:
     store.set_meta({"last_good_sync_time": "1700000123"})
-    assert value(NodeMetrics(store=store), "nodemanager_last_successful_sync_timestamp_seconds") == 1700000123
+    metrics = NodeMetrics(store=store)
+    metrics.restore(store)
+    assert value(metrics, "nodemanager_last_successful_sync_timestamp_seconds") == 1700000123
+
+
+def test_sliver_failures_are_counted_by_kind() -> None:
+    metrics = NodeMetrics()
+    metrics.sliver_failed("site_a", AccountConflict("x"))
+    metrics.sliver_failed("site_a", IllegalTransition("absent -> destroying"))
+    metrics.sliver_failed("site_b", KeyError("a bug"))
+    metrics.sliver_failed("site_b", BackendError("useradd failed"))
+    for kind in ("conflict", "illegal-transition", "internal", "backend"):
+        assert value(metrics, "nodemanager_sliver_operation_failures_total", kind=kind) == 1, kind
+    assert value(metrics, "nodemanager_sliver_operation_failures_total", kind="store") == 0
 
 
 def test_http_exporter_serves_and_stops() -> None:
@@ -206,7 +230,7 @@ def daemon_config(tmp_path: Path, listen: str) -> Config:
 def test_daemon_wiring_sync_api_and_exporter(tmp_path: Path) -> None:
     authority = FakeAuthority()
     authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")])
-    manager = NodeManager(daemon_config(tmp_path, "127.0.0.1:0"), Overrides(fetch=authority.fetch))
+    manager = build_node(daemon_config(tmp_path, "127.0.0.1:0"), fetch=authority.fetch)
     synced = threading.Event()
     manager.on_sync.append(lambda outcome: synced.set())
     loop = threading.Thread(target=manager.run, daemon=True)
@@ -250,7 +274,7 @@ def test_a_busy_metrics_port_does_not_stop_the_daemon(tmp_path: Path) -> None:
     host, port = blocker.start_http("127.0.0.1:0")  # type: ignore[misc]
     try:
         authority = FakeAuthority()
-        manager = NodeManager(daemon_config(tmp_path, f"{host}:{port}"), Overrides(fetch=authority.fetch))
+        manager = build_node(daemon_config(tmp_path, f"{host}:{port}"), fetch=authority.fetch)
         synced = threading.Event()
         manager.on_sync.append(lambda outcome: synced.set())
         loop = threading.Thread(target=manager.run, daemon=True)
@@ -269,30 +293,19 @@ def test_a_busy_metrics_port_does_not_stop_the_daemon(tmp_path: Path) -> None:
 
 
 class _RejectingRedeemer:
-    """A ticket port that rejects every ticket with the message it is given."""
+    """A ticket port that rejects every ticket for the reason it is given."""
 
-    def __init__(self, message: str) -> None:
-        self.message = message
+    def __init__(self, reason: TicketReason) -> None:
+        self.reason = reason
 
     def redeem(self, ticket: str, caller: object) -> str:
-        raise TicketRejected(self.message)
+        raise TicketRejected(self.reason, "details")
 
 
-@pytest.mark.parametrize(
-    ("message", "label"),
-    [
-        ("bad signature: not signed with the authority's key", "signature"),
-        ("replay: ticket for site_x issued at 5 is not newer", "replay"),
-        ("wrong node: ticket for site_x is valid on node(s) 3, not on node 7", "wrong-node"),
-        ("expired: ticket for site_x expired at 4", "expired"),
-        ("wrong caller: ticket for site_x may be delivered by its controller", "permission"),
-        ("malformed: <slice> lists no <node>", "malformed"),
-        ("something nobody foresaw", "other"),
-    ],
-)
-def test_ticket_rejections_are_counted_by_reason(message: str, label: str) -> None:
+@pytest.mark.parametrize("reason", list(TicketReason))
+def test_ticket_rejections_are_counted_by_reason(reason: TicketReason) -> None:
     metrics = NodeMetrics()
-    redeemer = CountedRedeemer(_RejectingRedeemer(message), metrics)
-    with pytest.raises(TicketRejected, match=message.split(":")[0]):
+    redeemer = CountedRedeemer(_RejectingRedeemer(reason), metrics)
+    with pytest.raises(TicketRejected, match=f"^{reason.value}: details$"):
         redeemer.redeem("<ticket/>", ANONYMOUS)
-    assert value(metrics, "nodemanager_ticket_rejections_total", reason=label) == 1.0
+    assert value(metrics, "nodemanager_ticket_rejections_total", reason=reason.label) == 1.0

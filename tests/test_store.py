@@ -8,6 +8,7 @@ import stat
 import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -277,8 +278,8 @@ def test_accounts_round_trip(store: Store) -> None:
     replaced = AccountState("site_b", uid=1234, owned=True, phase=Phase.STOPPED)
     store.put_account(replaced)
     assert store.account("site_b") == replaced
-    store.delete_account("site_a")
-    store.delete_account("site_missing")
+    store.finish_destroy("site_a")
+    store.finish_destroy("site_missing")
     assert set(store.accounts()) == {"site_b", "site_c"}
 
 
@@ -395,9 +396,11 @@ def test_valve_round_trip(store: Store) -> None:
 
 def test_ticket_marks(store: Store) -> None:
     assert store.ticket_mark("site_d") is None
-    store.set_ticket_mark("site_d", 1_700_000_000)
-    store.set_ticket_mark("site_e", 5)
-    store.set_ticket_mark("site_d", 1_700_000_100)
+    ticket = Sliver(name="site_d", slice_id=4, instantiation=DELEGATED, expires=2**31 - 1, timestamp=0)
+    assert store.redeem_ticket(ticket, 1_700_000_000)
+    assert store.redeem_ticket(replace(ticket, name="site_e"), 5)
+    assert store.redeem_ticket(ticket, 1_700_000_100)
+    assert not store.redeem_ticket(ticket, 1_700_000_100)  # not newer: refused, nothing written
     assert store.ticket_mark("site_d") == 1_700_000_100
     assert store.ticket_mark("site_e") == 5
 

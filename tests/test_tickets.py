@@ -217,7 +217,9 @@ def _stale(node: Node) -> None:
 
 
 def _mark(issued: int) -> Callable[[Node], None]:
-    return lambda node: node.store.set_ticket_mark(SLICE, issued)
+    mark = Sliver(name=SLICE, slice_id=42, instantiation=DELEGATED, expires=NOW + 10**6, timestamp=issued,
+                  source=SOURCE_TICKET, controller=CONTROLLER)
+    return lambda node: node.store.redeem_ticket(mark, issued)
 
 
 @dataclass(frozen=True)
@@ -421,7 +423,7 @@ def test_unreadable_node_id_rejects_without_change(node: Node, authority_key: Si
     verifier = TicketVerifier(certificate=authority_key.certificate, node_id=NodeIdFile(tmp_path / "absent"),
                               store=node.store, clock=node.clock)
     before = node.snapshot()
-    with pytest.raises(TicketRejected, match="node's id is unknown"):
+    with pytest.raises(TicketRejected, match="node id unknown"):
         verifier.redeem(signed(authority_key), ROOT)
     assert node.snapshot() == before
 

@@ -74,77 +74,62 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import NodeManager
+    from .daemon import build_node
     from .logsetup import configure_logging, reopen
 
     config = _config(args)
     for problem in configure_logging(config.node.log_file, foreground=not args.quiet):
         logger.error("event=logging-problem detail=%s", problem)
-    manager = NodeManager(config)
-    signal.signal(signal.SIGTERM, lambda *_: manager.stop())
-    signal.signal(signal.SIGINT, lambda *_: manager.stop())
-    signal.signal(signal.SIGUSR1, lambda *_: manager.poll_now())
+    node = build_node(config)
+    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    signal.signal(signal.SIGINT, lambda *_: node.stop())
+    signal.signal(signal.SIGUSR1, lambda *_: node.poll_now())
     signal.signal(signal.SIGHUP, lambda *_: reopen())
-    manager.run()
+    node.run()
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .daemon import AlreadyRunning, NodeManager
-    from .sync import META_ALLOW_MASS_DELETE
+    from .daemon import AlreadyRunning, build_node
+    from .datadir import DataDir, Meta
     from .logsetup import configure_logging
 
     config = _config(args)
+    datadir = DataDir(config.data_dir)
     if not args.once:
-        pid = _running_daemon_pid(config)
+        pid = datadir.daemon_pid()
         if pid is None:
             print("no node manager daemon is running on "
                   f"{config.node.data_dir}; use `nodemanager sync --once` to run one cycle here",
                   file=sys.stderr)
             return 1
         if args.allow_mass_delete:
-            _store_meta(config, {META_ALLOW_MASS_DELETE: "1"})
+            _store_meta(config, {Meta.ALLOW_MASS_DELETE: "1"})
         os.kill(pid, signal.SIGUSR1)
         print(f"asked the node manager (pid {pid}) to poll now")
         return 0
     configure_logging(config.node.log_file, foreground=True)
+    node = build_node(config)
     try:
-        manager = NodeManager(config)
+        node.start(serve=False)
     except AlreadyRunning as exc:
         print(f"{exc}; use `nodemanager sync` (without --once) to ask it to poll now", file=sys.stderr)
         return 1
     try:
-        outcome = manager.sync_once(allow_mass_delete=args.allow_mass_delete, wait=True, retry_now=True)
+        outcome = node.sync_once(allow_mass_delete=args.allow_mass_delete, wait=True, retry_now=True)
+        if node.enforcement_loop is not None:
+            node.enforcement_loop.apply_now()  # one cycle includes making the limits real
     finally:
-        manager.close()
+        node.close()
     print(outcome.summary())
     return 0 if outcome.ok else 1
 
 
-def _running_daemon_pid(config: Config) -> int | None:
-    """The pid of the daemon holding the data dir's lock, or None when none does."""
-    import fcntl
-
-    from .daemon import read_pid
-
-    path = config.data_dir / "nodemanager.pid"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return read_pid(path)
-    finally:
-        os.close(fd)
-    return None
-
-
 def _open_store(config: Config):  # noqa: ANN202 - a Store; imported lazily to keep --help fast
+    from .datadir import DataDir
     from .store import Store
 
-    path = config.data_dir / "nodemanager.sqlite"
+    path = DataDir(config.data_dir).store_path
     if not path.exists():
         raise NodeManagerError(f"no store at {path}: the node manager has not run with this configuration yet")
     return Store(path)
@@ -159,34 +144,25 @@ def _store_meta(config: Config, values: dict[str, str]) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .authority.client import AuthorityClient
-    from .clock import SystemClock
-    from .daemon import build_backend
+    from .daemon import build_node
     from .logsetup import configure_logging
-    from .sync import Syncer
 
     config = _config(args)
     configure_logging(None, foreground=True, level=logging.WARNING)
-    store = _open_store(config)
+    node = build_node(config, tickets=None, enforcement=None)
+    node.attach()
     try:
-        syncer = Syncer(store=store, backend=build_backend(config), operations=None, pool=None,
-                        fetch=None, clock=SystemClock(),
-                        max_delete_fraction=config.sync.max_delete_fraction,
-                        confirm_after=config.sync.confirm_after)
-        doc, protected = AuthorityClient.from_config(config).fetch()
-        merged = syncer.merge(doc, protected, allow_mass_delete=False)
-        syncer.authority_seen = True
-        records = merged.records if merged is not None else None
-        actions = syncer.plan(records)
+        outcome, actions = node.plan()
     finally:
-        store.close()
-    print(f"authority document: timestamp {doc.timestamp}, {len(doc.slivers)} slivers, {len(doc.rejected)} rejected")
-    for rejection in doc.rejected:
+        node.close()
+    print(f"authority document: timestamp {outcome.document_timestamp}, "
+          f"{outcome.rejected} entries rejected")
+    for rejection in outcome.rejections:
         print(f"  rejected {rejection.label}: {rejection.reason}")
-    if merged is None:
+    if outcome.result.value == "stale":
         print("the document is older than the data already held: a sync would ignore it")
-    elif merged.held:
-        print(f"SAFETY VALVE: {len(merged.held)} removals would be held: {', '.join(sorted(merged.held))}")
+    elif outcome.held:
+        print(f"SAFETY VALVE: {len(outcome.held)} removals would be held: {', '.join(sorted(outcome.held))}")
     if not actions:
         print("nothing to do")
     for action in actions:
@@ -196,25 +172,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .daemon import build_node
+    from .datadir import Meta
+    from .logsetup import configure_logging
     from .status import render_resources, render_status
 
     config = _config(args)
-    store = _open_store(config)
+    configure_logging(None, foreground=True, level=logging.ERROR)
+    node = build_node(config, fetch=_no_fetch, tickets=None,
+                      **({} if args.resources else {"enforcement": None}))
+    node.attach()
     try:
-        print(render_status(store))
+        print(render_status(node.store))
         if args.resources:
-            enforcement = None
-            if store.get_meta("backend") != "hollow" and config.slivers.backend != "hollow":
-                from .enforce.set import EnforcementSet
-                from .host import Host
-                from .logsetup import configure_logging
-
-                configure_logging(None, foreground=True, level=logging.ERROR)
-                enforcement = EnforcementSet.from_config(config, Host())
-            print(render_resources(store, enforcement, config.slivers.name_prefix))
+            enforcement = node.enforcement
+            if enforcement is not None and node.store.get_meta(Meta.BACKEND) != "hollow":
+                enforcement.probe()
+            else:
+                enforcement = None
+            print(render_resources(node.store, enforcement, config.slivers.name_prefix))
     finally:
-        store.close()
+        node.close()
     return 0
+
+
+def _no_fetch():  # noqa: ANN202 - status never polls the authority
+    raise NodeManagerError("status does not poll the authority")
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -243,13 +226,15 @@ def cmd_authority(args: argparse.Namespace) -> int:
     if args.export_cert is not None:
         export_certificate(args.data, args.export_cert)
         print(f"ticket-signing certificate written to {args.export_cert}", file=sys.stderr)
-    host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--listen must be HOST:PORT, not {args.listen!r}")
+    from .core.addresses import parse_host_port
+
+    address = parse_host_port(args.listen, what="--listen")
+    if address is None:
+        raise ConfigError("--listen must be HOST:PORT")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    serve(args.data, host.strip("[]"), int(port), stop=stop)
+    serve(args.data, address.host, address.port, stop=stop)
     return 0
 
 

@@ -1,20 +1,26 @@
-"""Composition root: config -> store -> host -> backend -> operations -> workers -> sync -> loop.
+"""Composition root: :func:`build_node` builds the whole node; :meth:`Node.start` brings it up.
 
-This is the only module that names concrete adapter classes. Tests and the demo build a
-``NodeManager`` with overrides (a fetch function, a backend, a clock) instead of patching.
+This is the only module that names concrete adapter classes and wires them together. Building
+does nothing to the machine: no lock is taken, no file opened, no thread started, no socket
+bound (uvicorn's ``Config`` -> ``Server``, kubelet's ``NewMainKubelet`` -> ``Run``). Every
+collaborator that a test, a benchmark or the crash simulation wants to replace is a parameter
+(host, backend, authority fetch, clock, ticket verifier, enforcement), and nothing is assigned to
+a built object afterwards. :meth:`Node.start` then takes the data directory's lock, opens the
+store, checks what enforcement and sshd can do here and starts the threads; :meth:`Node.run`
+polls until stopped; :meth:`Node.close` undoes ``start``.
+
+The CLI, the demo, the tests and the benchmarks all build the node here.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Final
 
 from .api.methods import NodeManagerApi, TicketRedeemer, caller_resolver
 from .api.server import ApiServer
@@ -23,32 +29,44 @@ from .backends.base import Backend
 from .clock import Clock, SystemClock
 from .config import Config
 from .core.authz import Caller
-from .core.errors import NodeManagerError, StoreError, TicketRejected
-from .health import sd_notify
-from .metrics import NodeMetrics
+from .core.errors import NodeManagerError, TicketRejected
+from .core.plan import Action
+from .core.retry import backoff_delay
+from .datadir import AlreadyRunning, DataDir, Meta
 from .enforce.set import EnforcementSet
 from .enforcing import EnforcementHooks, EnforcementLoop
+from .health import sd_notify
 from .host import Host
+from .metrics import NodeMetrics
 from .operations import SliverOperations
 from .store import Store
+from .sync import Fetch, SyncOutcome, Syncer, SyncResult
 from .tickets import ticket_redeemer_from_config
-from .sync import META_BWCAP, Fetch, SyncOutcome, Syncer
 from .workers import WorkerPool
+
+__all__ = ["AlreadyRunning", "Node", "build_node"]
 
 logger = logging.getLogger(__name__)
 
-META_BACKEND = "backend"
-META_ADOPT = "adopt_marked_accounts"
-#: What resource enforcement could not do on this machine ("ok": everything enforced).
-META_ENFORCEMENT = "enforcement_problems"
 #: After a failed poll, retry sooner than the poll period: 30 s, 60 s, ... up to the period.
 FAILED_POLL_RETRY_S = 30.0
-#: Longest the main thread sleeps without checking for signals (see ``NodeManager._sleep``).
+#: Longest the main thread sleeps without checking for signals (see ``Node._sleep``).
 SIGNAL_CHECK_S = 0.5
 
 
+class _Default:
+    """Marks a collaborator left to the configuration (``None`` means "none at all")."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: "Build this collaborator from the configuration".
+DEFAULT: Final = _Default()
+
+
 class CountedRedeemer:
-    """A ticket redeemer whose rejections are counted by reason (``reason: details`` messages)."""
+    """A ticket redeemer whose rejections are counted by reason."""
 
     def __init__(self, inner: TicketRedeemer, metrics: NodeMetrics) -> None:
         self.inner = inner
@@ -58,216 +76,262 @@ class CountedRedeemer:
         try:
             return self.inner.redeem(ticket, caller)
         except TicketRejected as exc:
-            self.metrics.ticket_rejected(str(exc).split(":", 1)[0])
+            self.metrics.ticket_rejected(exc.reason)
             raise
 
 
-class AlreadyRunning(NodeManagerError):
-    """Another node manager process holds the data directory's lock."""
+class NodeCap:
+    """The node's bandwidth cap (kbit/s, None for none) from the newest authority document.
+
+    Read from the store once per cycle (:meth:`refresh`), not once per operation: callers get it
+    by calling the object. Thread-safe (one reference assignment)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._kbps: int | None = None
+
+    def __call__(self) -> int | None:
+        return self._kbps
+
+    def refresh(self) -> bool:
+        """Re-read the cap; True when it changed."""
+        raw = self._store.get_meta(Meta.BWCAP, "")
+        kbps = int(raw) if raw.isdigit() else None
+        changed, self._kbps = kbps != self._kbps, kbps
+        return changed
 
 
-class DataDirLock:
-    """An exclusive ``flock`` on ``data_dir/nodemanager.pid`` holding our pid.
+def build_node(
+    config: Config,
+    *,
+    host: Host | None = None,
+    backend: Backend | None = None,
+    fetch: Fetch | None = None,
+    clock: Clock | None = None,
+    tickets: TicketRedeemer | None | _Default = DEFAULT,
+    enforcement: EnforcementSet | None | _Default = DEFAULT,
+) -> Node:
+    """Build the node described by ``config``, with any collaborator replaced.
 
-    The kernel releases the lock when the process dies, even by ``kill -9``, so a stale pid file
-    never blocks a restart, and two daemons can never run on one data directory."""
+    ``backend`` defaults to ``slivers.backend``'s (the account backend on ``host``, or the hollow
+    one); ``enforcement`` to the enforcers ``[enforce]`` turns on (none for a hollow backend;
+    ``None`` disables enforcement); ``fetch`` to the authority client of ``[authority]``;
+    ``tickets`` to the verifier of ``authority.ticket_cert`` (``None``: tickets refused).
+    Nothing is started or opened: see :meth:`Node.start`."""
+    clock = clock or SystemClock()
+    host = host or Host()
+    datadir = DataDir(config.data_dir)
+    store = Store(datadir.store_path, deferred=True)
+    cap = NodeCap(store)
+    prefix = config.slivers.name_prefix
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "nodemanager.pid"
-        self._fd: int | None = None
+    def account_of(name: str) -> str:
+        return prefix + name
 
-    def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:  # e.g. a read-only or full data directory: say so, no traceback
-            raise StoreError(f"cannot take the lock {self.path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AlreadyRunning(
-                f"another node manager (pid {read_pid(self.path) or '?'}) is running on {self.path.parent}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+    hollow = backend.kind == "hollow" if backend is not None else config.slivers.backend == "hollow"
+    if isinstance(enforcement, _Default):
+        enforcement = None if hollow else EnforcementSet.from_config(config, host)
+    hooks = None if enforcement is None else EnforcementHooks(enforcement, cap, account_of)
+    if backend is None:
+        backend = _backend_from_config(config, host, hooks)
+    pool = WorkerPool(config.slivers.workers, start=False)
+    metrics = NodeMetrics(store=store, queue_depth=pool.depth, backend=backend.kind)
+    loop = None
+    if enforcement is not None:
+        loop = EnforcementLoop(enforcement, store, home_of=lambda name: _home_of(config, name),
+                               node_cap_kbps=cap, account_of=account_of, on_error=metrics.enforcement_error)
+    operations = SliverOperations(store, backend, clock, node_cap_kbps=cap,
+                                  on_change=loop.poke if loop is not None else None,
+                                  on_failure=metrics.sliver_failed)
+    syncer = Syncer(
+        store=store, backend=backend, operations=operations, pool=pool,
+        fetch=fetch if fetch is not None else AuthorityClient.from_config(config).fetch,
+        clock=clock, max_delete_fraction=config.sync.max_delete_fraction,
+        confirm_after=config.sync.confirm_after,
+    )
+    if isinstance(tickets, _Default):
+        tickets = ticket_redeemer_from_config(config, store=store, operations=operations, pool=pool, clock=clock)
+    api = NodeManagerApi(
+        store=store, pool=pool, operations=operations,
+        resolve_caller=caller_resolver(store, host.getpwuid), node_cap_kbps=cap,
+        tickets=None if tickets is None else CountedRedeemer(tickets, metrics),
+        on_loans_changed=loop.poke if loop is not None else (lambda: None),
+    )
+    server = None
+    if config.api.tcp or config.api.unix_socket:
+        server = ApiServer(api.dispatch, tcp=config.api.tcp, unix_socket=config.api.unix_socket,
+                           max_request_bytes=config.api.max_request_bytes, on_request=metrics.api_request)
+    return Node(config=config, datadir=datadir, store=store, host=host, backend=backend, cap=cap,
+                enforcement=enforcement, enforcement_loop=loop, operations=operations, pool=pool,
+                syncer=syncer, api=api, api_server=server, metrics=metrics, clock=clock)
 
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+
+def _home_of(config: Config, name: str) -> str:
+    from pathlib import Path
+
+    return str(Path(config.slivers.home_root) / (config.slivers.name_prefix + name))
 
 
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-def build_backend(config: Config, host: Host | None = None) -> Backend:
-    """The backend named by ``slivers.backend``."""
+def _backend_from_config(config: Config, host: Host, hooks: EnforcementHooks | None) -> Backend:
     if config.slivers.backend == "hollow":
         from .backends.hollow import HollowBackend
 
-        return HollowBackend()
+        return HollowBackend(uid_base=config.slivers.uid_base)
     from .backends.account import AccountBackend
 
-    return AccountBackend.from_config(config, host or Host())
+    return AccountBackend.from_config(config, host, hooks=hooks)
 
 
 @dataclass
-class Overrides:
-    """Replacements for tests, the demo and benchmarks."""
+class _Running:
+    """What :meth:`Node.start` brought up, so :meth:`Node.close` undoes exactly that."""
 
-    fetch: Fetch | None = None
-    backend: Backend | None = None
-    clock: Clock | None = None
-    tickets: TicketRedeemer | None = None
+    locked: bool = False
+    store: bool = False
+    pool: bool = False
+    api: bool = False
+    loop: bool = False
+    metrics: bool = False
 
 
-class NodeManager:
-    """The assembled node manager: owns the store, pool and syncer; runs the poll loop."""
+class Node:
+    """The assembled node manager. Built by :func:`build_node`; see the module docstring.
 
-    def __init__(self, config: Config, overrides: Overrides | None = None) -> None:
-        overrides = overrides or Overrides()
+    Threads: ``start``/``run``/``close`` from one thread (the main one); ``stop`` and
+    ``poll_now`` from anywhere, signal handlers included (they only set flags)."""
+
+    def __init__(
+        self, *, config: Config, datadir: DataDir, store: Store, host: Host, backend: Backend,
+        cap: NodeCap, enforcement: EnforcementSet | None, enforcement_loop: EnforcementLoop | None,
+        operations: SliverOperations, pool: WorkerPool, syncer: Syncer, api: NodeManagerApi,
+        api_server: ApiServer | None, metrics: NodeMetrics, clock: Clock,
+    ) -> None:
         self.config = config
-        self.clock = overrides.clock or SystemClock()
-        self.lock = DataDirLock(config.data_dir)
-        self.lock.acquire()
+        self.datadir = datadir
+        self.store = store
+        self.host = host
+        self.backend = backend
+        self.cap = cap
+        self.enforcement = enforcement
+        self.enforcement_loop = enforcement_loop
+        self.operations = operations
+        self.pool = pool
+        self.syncer = syncer
+        self.api = api
+        self.api_server = api_server
+        self.metrics = metrics
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.wake_event = threading.Event()
+        self._running = _Running()
+        #: Called after every cycle with its outcome (the demo prints; tests wait on it).
+        self.on_sync: list[Callable[[SyncOutcome], None]] = []
+
+    # --- bringing it up -----------------------------------------------------------------------
+    def start(self, *, serve: bool = True) -> None:
+        """Take the lock, open the store, check the machine, start the workers and, with
+        ``serve``, the API, the enforcement loop and the metrics exporter (``sync --once`` does
+        without them). On failure, whatever was started is stopped again and the error raised."""
         try:
-            self.store, corrupt = Store.open_or_quarantine(config.data_dir / "nodemanager.sqlite")
+            self.datadir.lock()
+            self._running.locked = True
+            self._open_store()
+            self._check_machine()
+            self.pool.start()
+            self._running.pool = True
+            if serve:
+                self._serve()
         except BaseException:
-            self.lock.release()
+            self.close()
             raise
+
+    def attach(self) -> None:
+        """Open the store without the lock, for commands that only read (``plan``, ``status``)
+        beside a running daemon. Raises ``NodeManagerError`` when there is no store yet."""
+        if not self.datadir.store_path.exists():
+            raise NodeManagerError(
+                f"no store at {self.datadir.store_path}: the node manager has not run with this configuration yet"
+            )
+        self.store.open()
+        self._running.store = True
+        self.cap.refresh()
+
+    def _open_store(self) -> None:
+        corrupt = self.store.open()
+        self._running.store = True
         if corrupt:
             logger.critical(
                 "event=store-corrupt reason=%s action=started-empty "
                 "(nothing will be destroyed; records are rebuilt from the next authority document "
                 "and our marked accounts are adopted)", corrupt,
             )
-            self.store.set_meta({META_ADOPT: "1"})
-        self.host = Host()
-        self.backend = overrides.backend or build_backend(config, self.host)
+            self.store.set_meta({Meta.ADOPT: "1"})
+        self.store.set_meta({Meta.BACKEND: self.backend.kind})
         if self.backend.kind == "hollow":
             logger.warning("event=hollow-backend note=records-only,no-accounts-are-created")
-        self.store.set_meta({META_BACKEND: self.backend.kind})
-        self._cap: int | None = None
-        self.enforcement_loop: EnforcementLoop | None = None  # built below, once the pool exists
-        self.enforcement = self._build_enforcement()
-        self._read_cap()
-        self.operations = SliverOperations(
-            self.store,
-            self.backend,
-            self.clock,
-            node_cap_kbps=self._node_cap,
-            adopt_marked=self.store.get_meta(META_ADOPT) == "1",
-        )
-        self.pool = WorkerPool(config.slivers.workers)
-        if self.enforcement is not None:
-            from .backends.account import AccountBackend
+        self.metrics.restore(self.store)
+        self.refresh_cap()
 
-            assert isinstance(self.backend, AccountBackend)
-            self.backend.hooks = EnforcementHooks(self.enforcement, self._node_cap, self.backend.account_name)
-            self.enforcement_loop = EnforcementLoop(
-                self.enforcement, self.store, home_of=self.backend.home_of, node_cap_kbps=self._node_cap,
-                account_of=self.backend.account_name,
-            )
-            self.operations.on_change = lambda name: self.enforcement_loop.poke()  # type: ignore[union-attr]
-        fetch = overrides.fetch
-        if fetch is None:
-            fetch = AuthorityClient.from_config(config).fetch
-        self.syncer = Syncer(
-            store=self.store,
-            backend=self.backend,
-            operations=self.operations,
-            pool=self.pool,
-            fetch=fetch,
-            clock=self.clock,
-            max_delete_fraction=config.sync.max_delete_fraction,
-            confirm_after=config.sync.confirm_after,
-        )
-        self.loan_hooks: list[Callable[[], None]] = []
-        self.api = NodeManagerApi(
-            store=self.store,
-            pool=self.pool,
-            operations=self.operations,
-            resolve_caller=caller_resolver(self.store, self.host.getpwuid),
-            node_cap_kbps=self._node_cap,
-            on_loans_changed=self._loans_changed,
-        )
-        self.metrics = NodeMetrics(store=self.store, queue_depth=self.pool.depth, backend=self.backend.kind)
-        tickets = overrides.tickets or ticket_redeemer_from_config(
-            config, store=self.store, operations=self.operations, pool=self.pool, clock=self.clock
-        )
-        self.api.tickets = None if tickets is None else CountedRedeemer(tickets, self.metrics)
-        if self.enforcement_loop is not None:
-            self.enforcement_loop.on_error = self.metrics.enforcement_error
-        api = config.api
-        self.api_server: ApiServer | None = None
-        if api.tcp or api.unix_socket:
-            self.api_server = ApiServer(
-                self.api.dispatch, tcp=api.tcp, unix_socket=api.unix_socket,
-                max_request_bytes=api.max_request_bytes, on_request=self.metrics.api_request,
-            )
-        self.stop_event = threading.Event()
-        self.wake_event = threading.Event()
-        self.on_sync: list[Callable[[SyncOutcome], None]] = []
+    def _check_machine(self) -> None:
+        """What enforcement and sshd can do here, logged and kept for ``status``."""
+        if self.enforcement is None:
+            self.store.set_meta({Meta.ENFORCEMENT: "none: the hollow backend creates nothing to enforce"
+                                 if self.backend.kind == "hollow" else "none: enforcement is disabled"})
+        else:
+            self.enforcement.probe()
+            for resource, mechanism in sorted(self.enforcement.describe().items()):
+                logger.info("event=enforcement resource=%s mechanism=%r", resource, mechanism)
+            self.store.set_meta({Meta.ENFORCEMENT: "; ".join(self.enforcement.problems()) or "ok"})
+        problems = getattr(self.backend, "access_problems", None)
+        if problems is not None:
+            found = problems()
+            for problem in found:
+                logger.warning("event=sshd-not-set-up problem=%r", problem)
+            self.store.set_meta({Meta.SSHD: "; ".join(found) or "ok"})
 
-    def _node_cap(self) -> int | None:
-        """The node's bandwidth cap from the latest document (read once per cycle, not per op)."""
-        return self._cap
-
-    def _read_cap(self) -> None:
-        raw = self.store.get_meta(META_BWCAP, "")
-        cap = int(raw) if raw.isdigit() else None
-        changed, self._cap = cap != self._cap, cap
-        if self.enforcement is not None:
-            self.enforcement.set_node_cap(cap)
-            if changed and self.enforcement_loop is not None:
-                self.enforcement_loop.poke()
-
-    def _build_enforcement(self) -> EnforcementSet | None:
-        """Resource enforcement for real accounts; the hollow backend has nothing to enforce."""
-        if self.backend.kind != "account":
-            self.store.set_meta({META_ENFORCEMENT: "none: the hollow backend creates nothing to enforce"})
-            return None
-        enforcement = EnforcementSet.from_config(self.config, self.host)
-        for resource, mechanism in sorted(enforcement.describe().items()):
-            logger.info("event=enforcement resource=%s mechanism=%r", resource, mechanism)
-        # its problems() were logged as it was built; `status` shows them from the store
-        self.store.set_meta({META_ENFORCEMENT: "; ".join(enforcement.problems()) or "ok"})
-        return enforcement
-
-    def _loans_changed(self) -> None:
-        """Loans changed through the API: effective RSpecs moved; enforcement follows now."""
-        if self.enforcement_loop is not None:
-            self.enforcement_loop.poke()
-        for hook in self.loan_hooks:
-            hook()
-
-    def start_api(self) -> None:
-        """Start serving the API (TCP and/or Unix socket, as configured)."""
+    def _serve(self) -> None:
         if self.api_server is not None:
             self.api_server.start()
-            logger.info("event=api-listening tcp=%s unix=%s", self.api_server.tcp_address,
-                        self.api_server.unix_path)
+            self._running.api = True
+        if self.enforcement_loop is not None:
+            self.enforcement_loop.start()
+            self._running.loop = True
+        try:
+            self.metrics.start_http(self.config.metrics.listen)
+            self._running.metrics = True
+        except NodeManagerError as exc:  # slivers matter more than their statistics
+            logger.error("event=metrics-unavailable error=%s", exc)
 
+    def refresh_cap(self) -> None:
+        """Re-read the node's bandwidth cap; enforcement follows a change at once."""
+        if self.cap.refresh() and self.enforcement is not None:
+            self.enforcement.set_node_cap(self.cap())
+            if self.enforcement_loop is not None:
+                self.enforcement_loop.poke()
+
+    # --- working ------------------------------------------------------------------------------
     def sync_once(
         self, *, allow_mass_delete: bool = False, wait: bool = True, retry_now: bool = False
     ) -> SyncOutcome:
+        """One cycle (see ``Syncer.run_once``); never raises for a failure of the cycle: a
+        failed cycle is a failed outcome."""
         outcome = self.syncer.run_once(
-            allow_mass_delete=allow_mass_delete, wait=wait, before_submit=self._read_cap,
-            retry_now=retry_now,
+            allow_mass_delete=allow_mass_delete, wait=wait, before_submit=self.refresh_cap, retry_now=retry_now,
         )
         self.metrics.sync_finished(outcome)
-        if outcome.ok and self.syncer.authority_seen:
-            self.store.set_meta({META_ADOPT: ""})
-            self.operations.adopt_marked = False
+        if outcome.ok and self.syncer.authority_seen and self.store.get_meta(Meta.ADOPT):
+            self.store.set_meta({Meta.ADOPT: ""})
         for hook in self.on_sync:
-            hook(outcome)
+            try:
+                hook(outcome)
+            except Exception:  # noqa: BLE001 - an observer must not stop the node
+                logger.exception("event=on-sync-hook-failed")
         return outcome
+
+    def plan(self) -> tuple[SyncOutcome, list[Action]]:
+        """What a cycle would do now, without doing it (``nodemanager plan``): fetch and merge
+        the authority's document, then plan against the machine. Needs :meth:`attach`."""
+        return self.syncer.dry_run()
 
     def poll_now(self) -> None:
         """Ask the loop to poll at once (``nodemanager sync`` / SIGUSR1)."""
@@ -279,27 +343,21 @@ class NodeManager:
         self.wake_event.set()
 
     def run(self) -> None:
-        """Poll until stopped. In-flight operations finish; pending ones are dropped cleanly."""
+        """Start (unless started) and poll until stopped. A failed cycle, of whatever kind, is
+        logged, counted and retried with backoff; nothing but :meth:`stop` ends the loop.
+        In-flight operations finish; pending ones are dropped cleanly."""
         a = self.config.authority
         failures = 0
-        logger.info("event=daemon-started backend=%s workers=%d", self.backend.kind, self.pool.workers)
         try:
-            self.start_api()
-            if self.enforcement_loop is not None:
-                self.enforcement_loop.start()
-            self.start_metrics()
+            if not self._running.locked:
+                self.start()
+            logger.info("event=daemon-started backend=%s workers=%d", self.backend.kind, self.pool.workers)
             sd_notify("READY=1")
             while not self.stop_event.is_set():
-                try:
-                    outcome = self.sync_once(wait=False)
-                    failures = 0 if outcome.ok else failures + 1
-                except StoreError as exc:
-                    failures += 1
-                    self.metrics.sync_failed("store-error")
-                    logger.error("event=sync-failed error=%s", exc)
+                outcome = self.sync_once(wait=False)
+                failures = 0 if outcome.result is not SyncResult.ERROR and outcome.ok else failures + 1
                 if failures:
-                    delay = min(float(a.poll_interval), FAILED_POLL_RETRY_S * 2 ** (failures - 1))
-                    delay *= 0.5 + random.random()
+                    delay = min(float(a.poll_interval), backoff_delay(failures, FAILED_POLL_RETRY_S))
                 else:
                     delay = next_poll_delay(a.poll_interval, a.poll_jitter, random.random)
                 self._sleep(delay)
@@ -319,23 +377,22 @@ class NodeManager:
                 return
             self.wake_event.wait(min(left, SIGNAL_CHECK_S))
 
-    def start_metrics(self) -> None:
-        """Serve the metrics on ``metrics.listen`` ("" disables). A port that cannot be bound is
-        logged loudly but does not stop the node: slivers matter more than their statistics."""
-        try:
-            self.metrics.start_http(self.config.metrics.listen)
-        except NodeManagerError as exc:
-            logger.error("event=metrics-unavailable error=%s", exc)
-
     def close(self) -> None:
+        """Undo :meth:`start` (idempotent): stop serving, let in-flight operations finish, drop
+        pending ones, close the store, release the lock."""
+        running = self._running
+        if not (running.locked or running.store):
+            return
         logger.info("event=daemon-stopping action=finishing-in-flight-operations")
         sd_notify("STOPPING=1")
-        self.metrics.stop()
-        if self.api_server is not None:
+        if running.metrics:
+            self.metrics.stop()
+        if running.api and self.api_server is not None:
             self.api_server.stop()
-        if self.enforcement_loop is not None:
+        if running.loop and self.enforcement_loop is not None:
             self.enforcement_loop.stop()
         self.pool.shutdown(cancel_pending=True)
         self.store.close()
-        self.lock.release()
+        self.datadir.unlock()
+        self._running = _Running()
         logger.info("event=daemon-stopped")

@@ -24,7 +24,7 @@ from .authority.signing import export_certificate
 from .config import Config, parse_config
 from .core.errors import AuthorityUnavailable
 from .core.records import AuthorityDocument
-from .daemon import NodeManager, Overrides
+from .daemon import build_node
 from .logsetup import configure_logging
 from .status import render_status
 
@@ -64,16 +64,17 @@ def _no_polling() -> tuple[AuthorityDocument, frozenset[str]]:
 def remove_demo_accounts(config: Config) -> list[str]:
     """Destroy every account the demo created (recorded as owned in its store), with everything
     enforcement made for it (cgroups), through the same wiring as the daemon."""
-    manager = NodeManager(config, Overrides(fetch=_no_polling))
+    node = build_node(config, fetch=_no_polling, tickets=None)
+    node.start(serve=False)
     try:
         removed = []
-        for name, state in manager.store.accounts().items():
+        for name, state in node.store.accounts().items():
             if state.owned:
-                manager.operations.destroy(name)
+                node.operations.destroy(name)
                 removed.append(name)
         return removed
     finally:
-        manager.close()
+        node.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,20 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tickets: .venv/bin/nodemanager authority ticket demo_deleg --data {slices}")
     print(BANNER, flush=True)
 
-    manager = NodeManager(config)
+    node = build_node(config)
 
     def show(outcome) -> None:  # noqa: ANN001 - SyncOutcome
-        manager.pool.wait_idle(60)
+        node.pool.wait_idle(60)
         print(f"\n--- sync at {time.strftime('%H:%M:%S')}: {outcome.summary()}")
-        print(render_status(manager.store), flush=True)
+        print(render_status(node.store), flush=True)
 
-    manager.on_sync.append(show)
-    signal.signal(signal.SIGINT, lambda *_: manager.stop())
-    signal.signal(signal.SIGTERM, lambda *_: manager.stop())
+    node.on_sync.append(show)
+    signal.signal(signal.SIGINT, lambda *_: node.stop())
+    signal.signal(signal.SIGTERM, lambda *_: node.stop())
     if args.seconds:
-        threading.Timer(args.seconds, manager.stop).start()
+        threading.Timer(args.seconds, node.stop).start()
     try:
-        manager.run()
+        node.run()
     finally:
         authority.stop()
         if real:

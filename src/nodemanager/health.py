@@ -22,7 +22,6 @@ for ``Type=notify``, without a dependency.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import sqlite3
@@ -33,15 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .datadir import DataDir, Meta
 from .storefile import BUSY_TIMEOUT_MS, store_error
 
 __all__ = ["API_TIMEOUT_S", "HealthReport", "check_health", "daemon_pid", "sd_notify", "sync_deadline"]
 
 API_TIMEOUT_S = 5.0
-STORE_FILE = "nodemanager.sqlite"
-PID_FILE = "nodemanager.pid"
-META_PROBE = "health_probe"
-META_LAST_GOOD = "last_good_sync_time"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,23 +57,8 @@ class HealthReport:
 
 
 def daemon_pid(data_dir: Path) -> int | None:
-    """The pid of the process holding ``data_dir``'s lock, or None when no process holds it
-    (-1: held, pid unreadable). Raises OSError when the pid file cannot be opened (permissions)."""
-    path = data_dir / PID_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            return int(path.read_text().strip() or 0) or -1
-        except (OSError, ValueError):
-            return -1  # held, but the pid is unreadable: still up
-    finally:
-        os.close(fd)
-    return None
+    """The pid of the process holding ``data_dir``'s lock (see ``datadir.DataDir.daemon_pid``)."""
+    return DataDir(data_dir).daemon_pid()
 
 
 def sync_deadline(config: Config) -> float:
@@ -107,9 +88,9 @@ def _probe_store(path: Path, now: float) -> tuple[str | None, float | None]:
         conn.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (META_PROBE, f"{now:.0f}"),
+            (Meta.HEALTH_PROBE, f"{now:.0f}"),
         )
-        row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_LAST_GOOD,)).fetchone()
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (Meta.LAST_GOOD,)).fetchone()
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         return f"store not writable: {store_error(path, 'probe write', exc)}", None
@@ -166,13 +147,13 @@ def check_health(
     if pid is None:
         return HealthReport(False, f"no node manager daemon is running on {data_dir}")
     started = now()
-    problem, last_good = _probe_store(data_dir / STORE_FILE, started)
+    problem, last_good = _probe_store(DataDir(data_dir).store_path, started)
     if problem is not None:
         return HealthReport(False, problem)
     deadline = sync_deadline(config)
     if last_good is None:
         try:
-            up_since = (data_dir / PID_FILE).stat().st_mtime
+            up_since = DataDir(data_dir).pid_path.stat().st_mtime
         except OSError:
             up_since = 0.0
         if started - up_since > deadline:

@@ -8,8 +8,9 @@ would refuse the second node's metrics as duplicates. Everything here hangs off
 Two kinds of numbers:
 
 * **events**, counted as they happen by the methods the daemon calls: :meth:`sync_finished`
-  (after every cycle), :meth:`sync_failed` (a cycle that raised), :meth:`api_request` (the API
-  server's ``on_request`` hook), :meth:`ticket_rejected` and :meth:`enforcement_error`;
+  (after every cycle, failed ones included), :meth:`sliver_failed` (a sliver's operation
+  failed), :meth:`api_request` (the API server's ``on_request`` hook), :meth:`ticket_rejected`
+  and :meth:`enforcement_error`;
 * **state**, read from the store and the worker pool at scrape time by a custom collector: slivers
   by instantiation, account states by phase, failures per sliver (only slivers with failures, so
   the series count stays small), the removals held by the safety valve, the worker queue depth.
@@ -40,40 +41,53 @@ from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .core.addresses import parse_host_port
 from .core.authz import METHODS
-from .core.errors import ConfigError, NodeManagerError
+from .core.errors import (
+    AccountConflict,
+    BackendError,
+    ConfigError,
+    IllegalTransition,
+    NodeManagerError,
+    NotAllowedForSliver,
+    PoolClosed,
+    StoreError,
+    TicketReason,
+)
 from .core.records import AccountState, ValveState
+from .datadir import Meta
 
 if TYPE_CHECKING:
     from .sync import SyncOutcome
 
 __all__ = [
-    "ENFORCERS", "NodeMetrics", "OUTCOMES", "TICKET_REASONS", "StoreView", "parse_listen",
+    "ENFORCERS", "FAILURE_KINDS", "NodeMetrics", "OUTCOMES", "TICKET_REASONS", "StoreView", "parse_listen",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Sync outcome labels (``nodemanager_syncs_total{outcome}``).
-OUTCOMES = ("ok", "authority-unavailable", "rejected", "stale", "store-error")
-#: Ticket rejection reasons (tickets.md / api.md fault 102); anything else is ``other``.
-TICKET_REASONS = ("signature", "expired", "wrong-node", "replay", "malformed", "permission", "other")
+#: Sync outcome labels (``nodemanager_syncs_total{outcome}``): ``sync.SyncResult``'s values.
+OUTCOMES = ("ok", "stale", "rejected", "authority-unavailable", "error")
+#: Ticket rejection reasons (``core.errors.TicketReason`` labels).
+TICKET_REASONS = tuple(reason.label for reason in TicketReason)
 #: Enforcer names (enforce/*); anything else is ``other``.
-ENFORCERS = ("cpu", "memory", "bandwidth", "disk", "other")
+ENFORCERS = ("cpu", "memory", "pids", "bandwidth", "disk", "placement", "other")
+#: Kinds of failed sliver operations (``nodemanager_sliver_operation_failures_total{kind}``), most
+#: specific class first; anything else is ``internal`` (a bug: logged with its traceback).
+FAILURE_KINDS: tuple[tuple[type[BaseException], str], ...] = (
+    (AccountConflict, "conflict"),
+    (IllegalTransition, "illegal-transition"),
+    (PoolClosed, "shutdown"),
+    (NotAllowedForSliver, "not-allowed"),
+    (BackendError, "backend"),
+    (StoreError, "store"),
+    (NodeManagerError, "other"),
+)
 #: API method label for names that are not API methods (bounded cardinality).
 OTHER_METHOD = "other"
 
 _SYNC_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _API_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_REASON_ALIASES = {
-    "bad-signature": "signature", "invalid-signature": "signature", "signature-invalid": "signature",
-    "wrong-node": "wrong-node", "node": "wrong-node", "not-this-node": "wrong-node",
-    "replayed": "replay", "replay": "replay", "expiry": "expired", "expired": "expired",
-    "denied": "permission", "permission-denied": "permission", "not-allowed": "permission",
-    # the "<reason>: details" prefixes of the node's TicketRejected messages
-    "not-yet-valid": "expired", "stale": "replay",
-    "wrong-caller": "permission", "wrong-instantiation": "malformed", "too-large": "malformed",
-    "invalid-slice-name": "malformed", "invalid-controller-name": "malformed",
-}
 
 
 class StoreView(Protocol):
@@ -89,33 +103,18 @@ class StoreView(Protocol):
 
 
 def parse_listen(listen: str) -> tuple[str, int] | None:
-    """``"HOST:PORT"`` / ``"[V6]:PORT"`` -> ``(host, port)``; ``""`` -> None (disabled).
-    Raises ConfigError naming ``metrics.listen``."""
-    if not listen:
-        return None
-    host, colon, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not colon or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"metrics.listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:9812")
-    return host, int(port)
-
-
-def outcome_label(outcome: SyncOutcome) -> str:
-    """The ``outcome`` label of one cycle (see :data:`OUTCOMES`)."""
-    if outcome.ok:
-        return "stale" if outcome.result == "stale" else "ok"
-    return "rejected" if outcome.result == "rejected" else "authority-unavailable"
+    """``metrics.listen`` -> ``(host, port)``; ``""`` -> None (disabled). Raises ConfigError."""
+    address = parse_host_port(listen, what="metrics.listen")
+    return None if address is None else (address.host, address.port)
 
 
 def method_label(method: str) -> str:
     return method if method in METHODS else OTHER_METHOD
 
 
-def reason_label(reason: str) -> str:
-    key = reason.strip().lower().replace("_", "-").replace(" ", "-")
-    key = _REASON_ALIASES.get(key, key)
-    return key if key in TICKET_REASONS else "other"
+def failure_kind(error: BaseException) -> str:
+    """The ``kind`` label of a failed sliver operation (see :data:`FAILURE_KINDS`)."""
+    return next((kind for cls, kind in FAILURE_KINDS if isinstance(error, cls)), "internal")
 
 
 def enforcer_label(enforcer: str) -> str:
@@ -264,17 +263,26 @@ class NodeMetrics:
         )
         for label in ENFORCERS:
             self.enforcement_errors.labels(label)
-        if store is not None:
-            raw = _safe_meta(store, "last_good_sync_time")
-            if raw.isdigit():
-                self.last_success.set(float(raw))
+        self.sliver_failures = Counter(
+            "nodemanager_sliver_operation_failures",
+            "Failed sliver operations by kind (each is retried with backoff)", ["kind"], registry=r,
+        )
+        for label in {kind for _, kind in FAILURE_KINDS} | {"internal"}:
+            self.sliver_failures.labels(label)
         r.register(_StateCollector(store, queue_depth))
+
+    def restore(self, store: StoreView) -> None:
+        """Take what survives a restart from the store (the last good sync's time): called once
+        the store is open, not at construction (building the node opens nothing)."""
+        raw = _safe_meta(store, Meta.LAST_GOOD)
+        if raw.isdigit():
+            self.last_success.set(float(raw))
 
     # --- events ---------------------------------------------------------------------------
     def sync_finished(self, outcome: SyncOutcome) -> None:
         """Count one finished cycle: duration, outcome, last success, valve trip, rejections."""
         self.sync_duration.observe(max(0.0, outcome.duration_s))
-        self.syncs.labels(outcome_label(outcome)).inc()
+        self.syncs.labels(outcome.result.value).inc()
         if outcome.ok:
             self.last_success.set(self._now())
         if outcome.valve_tripped:
@@ -282,9 +290,9 @@ class NodeMetrics:
         if outcome.rejected:
             self.rejected_entries.inc(outcome.rejected)
 
-    def sync_failed(self, outcome: str = "store-error") -> None:
-        """Count a cycle that raised instead of returning an outcome (e.g. the store is full)."""
-        self.syncs.labels(outcome if outcome in OUTCOMES else "store-error").inc()
+    def sliver_failed(self, name: str, error: BaseException) -> None:
+        """One failed operation of sliver ``name`` (its failures gauge comes from the store)."""
+        self.sliver_failures.labels(failure_kind(error)).inc()
 
     def api_request(self, method: str, fault_code: int | None, seconds: float) -> None:
         """The API server's ``on_request`` hook: one finished call."""
@@ -292,9 +300,9 @@ class NodeMetrics:
         self.api_requests.labels(label, "ok" if fault_code is None else str(int(fault_code))).inc()
         self.api_latency.labels(label).observe(max(0.0, seconds))
 
-    def ticket_rejected(self, reason_class: str) -> None:
-        """One rejected ticket; ``reason_class`` is mapped onto :data:`TICKET_REASONS`."""
-        self.ticket_rejections.labels(reason_label(reason_class)).inc()
+    def ticket_rejected(self, reason: TicketReason) -> None:
+        """One rejected ticket, by reason."""
+        self.ticket_rejections.labels(reason.label).inc()
 
     def enforcement_error(self, enforcer: str) -> None:
         """One failed enforcement operation; ``enforcer`` is mapped onto :data:`ENFORCERS`."""

@@ -9,6 +9,15 @@ Ownership is the safety rule of the whole daemon: only accounts recorded as ``ow
 modified or removed. An account that exists with a sliver's name but was not made by us is a
 conflict, reported with a clear error and retried with backoff, never touched.
 
+Failure isolation: whatever an operation raises -- a ``NodeManagerError``, an illegal phase
+transition, a bug's ``KeyError`` -- becomes that sliver's failure (logged with its name, counted,
+recorded with a backoff before the next try) and is handed to the job's waiters; it never reaches
+another sliver's operation or the sync loop as anything but that sliver's outcome.
+
+Crash recovery: a destroy cut short (phase DESTROYING, the account perhaps half removed) of a
+sliver that is wanted again is finished before the account is created afresh, so no sliver stays
+in a transitional phase.
+
 These methods run on worker threads (one at a time per sliver, see ``workers``); they are not meant
 to be called concurrently for the same sliver.
 """
@@ -25,20 +34,16 @@ from .clock import Clock
 from .core.errors import AccountConflict, NodeManagerError, NotAllowedForSliver, UnknownSliver
 from .core.lifecycle import transition
 from .core.records import AccountState, Phase, Sliver
+from .core.retry import backoff_delay
 from .core.rspec import effective_rspecs, rspec_from_attributes
+from .datadir import Meta
 from .store import Store
 
 logger = logging.getLogger(__name__)
 
-#: Retry backoff after a failed operation: base * 2**(failures-1), capped, with +-50% jitter.
+#: Retry backoff after a failed operation: 30 s doubling up to an hour (``core.retry``).
 BACKOFF_BASE_S = 30.0
 BACKOFF_CAP_S = 3600.0
-
-
-def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before retrying a sliver that has failed ``failures`` times in a row."""
-    base = min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** max(0, failures - 1)))
-    return base * (0.5 + rng())
 
 
 class SliverOperations:
@@ -52,19 +57,31 @@ class SliverOperations:
         *,
         node_cap_kbps: Callable[[], int | None] = lambda: None,
         rng: Callable[[], float] = random.random,
-        adopt_marked: bool = False,
+        on_change: Callable[[], None] | None = None,
+        on_failure: Callable[[str, BaseException], None] | None = None,
     ) -> None:
+        """``on_change()`` is called after an account was made to match or was removed (the
+        daemon pokes enforcement); ``on_failure(name, error)`` after an operation failed (the
+        daemon counts it). Both must be cheap; an exception they raise is logged, not raised."""
         self.store = store
         self.backend = backend
         self.clock = clock
         self.node_cap_kbps = node_cap_kbps
         self.rng = rng
-        #: After a corrupt store was set aside, accounts carrying our marker are adopted as ours
-        #: (rebuilding ownership) instead of being reported as conflicts.
-        self.adopt_marked = adopt_marked
-        #: Called with the sliver's name after an account was made to match or was removed
-        #: (the daemon pokes enforcement with it). Must be cheap and must not raise.
-        self.on_change: Callable[[str], None] = lambda name: None
+        self._on_change = on_change
+        self._on_failure = on_failure
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:  # noqa: BLE001 - a hook must not fail the operation it reports
+                logger.exception("event=on-change-hook-failed")
+
+    def _adopting(self) -> bool:
+        """After a corrupt store was set aside, accounts carrying our marker are adopted as ours
+        (rebuilding ownership) instead of being reported as conflicts (until a good sync)."""
+        return self.store.get_meta(Meta.ADOPT) == "1"
 
     # --- helpers -------------------------------------------------------------------------
     def effective_rspec(self, name: str, own: Sliver | None = None) -> dict[str, int]:
@@ -100,14 +117,23 @@ class SliverOperations:
     def _fail(self, name: str, exc: BaseException) -> None:
         state = self._state(name)
         failures = state.failures + 1
-        retry_at = self.clock.now() + backoff_delay(failures, self.rng)
-        self.store.record_failure(name, str(exc), retry_at)
+        retry_at = self.clock.now() + backoff_delay(failures, BACKOFF_BASE_S, BACKOFF_CAP_S, self.rng)
+        message = str(exc) if isinstance(exc, NodeManagerError) else f"internal error: {type(exc).__name__}: {exc}"
+        self.store.record_failure(name, message, retry_at)
         logger.error(
             "sliver=%s event=failed failures=%d retry_in=%.0fs error=%s",
-            name, failures, retry_at - self.clock.now(), exc,
+            name, failures, retry_at - self.clock.now(), message,
         )
+        if self._on_failure is not None:
+            try:
+                self._on_failure(name, exc)
+            except Exception:  # noqa: BLE001
+                logger.exception("sliver=%s event=on-failure-hook-failed", name)
 
     def _guarded(self, name: str, body: Callable[[], None]) -> None:
+        """Run ``body``; any ``Exception`` is this sliver's failure (recorded, then re-raised to
+        the job's waiters). Exceptions that are not ``Exception`` (a simulated crash,
+        ``KeyboardInterrupt``) pass untouched."""
         try:
             body()
         except NodeManagerError as exc:
@@ -126,9 +152,11 @@ class SliverOperations:
     def _ensure(self, sliver: Sliver, start: bool) -> None:
         name = sliver.name
         state = self._state(name)
+        if state.owned and state.phase is Phase.DESTROYING:
+            state = self._finish_interrupted_destroy(name, state)
         existing = self.backend.lookup(name)
         if not state.owned and existing is not None:
-            if not (existing.managed_marker and self.adopt_marked):
+            if not (existing.managed_marker and self._adopting()):
                 raise AccountConflict(
                     f"sliver {name}: an account of that name already exists and was not created "
                     "by the node manager; it is left untouched"
@@ -166,7 +194,7 @@ class SliverOperations:
                 "it was replaced outside the node manager and is left untouched"
             )
         rspec = self.effective_rspec(name, sliver)
-        self.backend.configure(sliver, rspec)
+        access = self.backend.configure(sliver, rspec)
         phase = state.phase if state.phase in (Phase.RUNNING, Phase.STOPPED) else Phase.STOPPED
         if rspec.get("nm_enabled", 1) == 0:
             phase = Phase.STOPPED
@@ -176,10 +204,21 @@ class SliverOperations:
             logger.info("sliver=%s event=started", name)
         self.store.put_account(
             replace(state, applied=sliver.fingerprint(), phase=transition(state.phase, phase), failures=0,
-                    last_error="", retry_at=0.0)
+                    last_error="", retry_at=0.0, access=access or "")
         )
         logger.info("sliver=%s event=configured", name)
-        self.on_change(name)
+        self._changed()
+
+    def _finish_interrupted_destroy(self, name: str, state: AccountState) -> AccountState:
+        """A destroy was cut short (the daemon died between marking it and forgetting it) and
+        the sliver is wanted again: finish the destroy -- its account may be half removed -- so
+        the account is then created afresh, never left in DESTROYING."""
+        logger.warning("sliver=%s event=finishing-interrupted-destroy", name)
+        self.backend.destroy(name)
+        state = replace(state, uid=None, applied="", access="", phase=transition(state.phase, Phase.ABSENT))
+        self.store.put_account(state)
+        self._changed()
+        return state
 
     def destroy(self, name: str) -> None:
         """Stop and remove the sliver's account if we own it; then forget the sliver."""
@@ -192,7 +231,7 @@ class SliverOperations:
             self.backend.destroy(name)
             logger.info("sliver=%s event=destroyed", name)
         self.store.finish_destroy(name)
-        self.on_change(name)
+        self._changed()
 
     def report_conflict(self, name: str, reason: str) -> None:
         """Record that the sliver's account is in a state we must not touch (with backoff)."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .core.records import AccountState, Phase, Sliver
 from .core.rspec import rspec_from_attributes
+from .datadir import Meta
 from .store import Store
 
 if TYPE_CHECKING:
@@ -89,18 +90,21 @@ def sliver_rows(
 
 def render_status(store: Store, now: float | None = None) -> str:
     now = time.time() if now is None else now
-    cap_raw = store.get_meta("bwcap_kbps", "")
+    cap_raw = store.get_meta(Meta.BWCAP, "")
     cap = int(cap_raw) if cap_raw.isdigit() else None
-    backend = store.get_meta("backend", "?")
+    backend = store.get_meta(Meta.BACKEND, "?")
     head = [
         f"backend:        {backend}" + ("  (HOLLOW: records only, no accounts are created)" if backend == "hollow" else ""),
-        f"last sync:      {_when(float(store.get_meta('last_sync_time', '0') or 0), now)}",
-        f"outcome:        {store.get_meta('last_sync_outcome', 'no sync yet') or 'no sync yet'}",
-        f"last good sync: {_when(float(store.get_meta('last_good_sync_time', '0') or 0), now)}",
-        f"authority data: timestamp {store.get_meta('authority_timestamp', '-') or '-'}"
+        f"last sync:      {_when(float(store.get_meta(Meta.LAST_SYNC, '0') or 0), now)}",
+        f"outcome:        {store.get_meta(Meta.LAST_OUTCOME, 'no sync yet') or 'no sync yet'}",
+        f"last good sync: {_when(float(store.get_meta(Meta.LAST_GOOD, '0') or 0), now)}",
+        f"authority data: timestamp {store.get_meta(Meta.AUTHORITY_TIMESTAMP, '-') or '-'}"
         + (f", node cap {_rate(cap)}bit/s" if cap else ""),
     ]
-    enforcement = store.get_meta("enforcement_problems", "")
+    sshd = store.get_meta(Meta.SSHD, "")
+    if sshd and sshd != "ok":
+        head.append(f"SSHD NOT SET UP: {sshd}")
+    enforcement = store.get_meta(Meta.ENFORCEMENT, "")
     if enforcement == "ok":
         head.append("enforcement:    cpu, memory, bandwidth and disk enforced (status --resources)")
     elif enforcement.startswith("none:"):
@@ -120,7 +124,7 @@ def render_resources(store: Store, enforcement: EnforcementSet | None, name_pref
     from .enforce.report import resource_rows
     from .enforcing import effective_targets, observed_by_sliver
 
-    cap_raw = store.get_meta("bwcap_kbps", "")
+    cap_raw = store.get_meta(Meta.BWCAP, "")
     effective, uids = effective_targets(store, int(cap_raw) if cap_raw.isdigit() else None)
     lines = ["", "resources (effective RSpec, after loans, beside the kernel's settings):"]
     if enforcement is None:

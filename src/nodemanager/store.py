@@ -36,6 +36,7 @@ import msgspec
 
 from .core.errors import StoreCorrupt, StoreError
 from .core.records import INSTANTIATIONS, AccountState, Loan, Phase, Sliver, ValveState
+from .datadir import Meta
 from .storefile import SCHEMA_VERSION, open_database, store_error
 from .storerows import (
     ACCOUNT_COLUMNS,
@@ -54,13 +55,13 @@ from .storerows import (
 
 __all__ = ["SCHEMA_VERSION", "Store"]
 
-_VALVE_KEY = "valve"
+_VALVE_KEY = Meta.VALVE
 
 
 class Store:
     """The node's durable memory. Every public method is one transaction; thread-safe."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, deferred: bool = False) -> None:
         """Open (creating if missing) the database at ``path``; migrate the schema.
 
         The data directory is created with mode 0700 when missing. A file that is not a readable
@@ -69,11 +70,14 @@ class Store:
         written by a newer schema than this code knows raises ``StoreError`` and is left alone.
         Other failures (permissions, read-only or full file system) raise ``StoreError`` naming
         the operating system's reason.
+
+        With ``deferred`` nothing is opened (the composition root builds without side effects);
+        :meth:`open` opens it later, and every other method raises ``StoreError`` until then.
         """
         self.path = Path(path)
         # Re-entrant: a write and its cache update happen under one hold of the lock.
         self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = open_database(self.path)
+        self._conn: sqlite3.Connection | None = None if deferred else open_database(self.path)
         # Write-through caches of the tables read on every cycle or operation. The daemon holding
         # the data-dir lock is their only writer (other processes such as the CLI write meta
         # only, which is therefore never cached), so they cannot go stale; they are filled on
@@ -90,10 +94,25 @@ class Store:
         """Open the store; if it is corrupt, quarantine it, start an empty one and return the
         reason as the second element (None when all was well). Any other failure propagates:
         a store that merely cannot be opened now is never replaced."""
-        try:
-            return cls(path), None
-        except StoreCorrupt as exc:
-            return cls(path), str(exc)
+        store = cls(path, deferred=True)
+        return store, store.open()
+
+    def open(self) -> str | None:
+        """Open a deferred store. A corrupt file is quarantined and an empty store started: the
+        reason is returned (None when all was well). Other failures raise ``StoreError``."""
+        with self._lock:
+            if self._conn is not None:
+                return None
+            try:
+                self._conn = open_database(self.path)
+            except StoreCorrupt as exc:
+                self._conn = open_database(self.path)
+                return str(exc)
+            return None
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
 
     def close(self) -> None:
         """Close the connection (idempotent). Later calls raise ``StoreError``."""
@@ -191,14 +210,6 @@ class Store:
                 conn.execute(UPSERT_ACCOUNT, row)
             if self._account_cache is not None:
                 self._account_cache[state.name] = state
-
-    def delete_account(self, name: str) -> None:
-        """Forget the account state of ``name`` (idempotent)."""
-        with self._lock:
-            with self._transaction("delete account") as conn:
-                conn.execute("DELETE FROM accounts WHERE name = ?", (name,))
-            if self._account_cache is not None:
-                self._account_cache.pop(name, None)
 
     def record_failure(self, name: str, error: str, retry_at: float) -> AccountState:
         """Count one more failed operation for ``name`` and return the new state.
@@ -310,6 +321,7 @@ class Store:
 
     # --- meta (key/value strings: last sync outcome, authority timestamp, valve) ---
     def get_meta(self, key: str, default: str = "") -> str:
+        """The meta value of ``key`` (see ``datadir.Meta``), or ``default`` when unset."""
         with self._transaction("read meta", write=False) as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else str(row[0])
@@ -341,11 +353,6 @@ class Store:
                 "SELECT issued FROM ticket_marks WHERE slice = ?", (slice_name,)
             ).fetchone()
         return None if row is None else int(row[0])
-
-    def set_ticket_mark(self, slice_name: str, issued: int) -> None:
-        """Remember ``issued`` as the slice's last accepted ticket time (overwrites)."""
-        with self._transaction("write ticket mark", durable=True) as conn:
-            conn.execute(UPSERT_MARK, (slice_name, issued))
 
     def redeem_ticket(self, sliver: Sliver, issued: int) -> bool:
         """Store a verified ticket's record and its replay mark in ONE durable transaction.

@@ -8,6 +8,11 @@ the per-sliver workers. Nothing here touches the machine directly.
 A cycle also runs when the authority is unreachable: the records we hold still drive drift repair,
 expiry and retries, while removals of slivers are gated until a good document has been received
 since this process started (a node that boots while the authority is down keeps everything).
+
+A cycle never raises for its own failure: a sliver's failed operation is that sliver's outcome
+(``operations`` recorded and logged it), and anything else that goes wrong -- the store, a bug --
+ends the cycle as a failed :class:`SyncOutcome` (result ``ERROR``), logged with its traceback,
+which is never recorded as a good sync.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from .backends.base import Backend
 from .clock import Clock
 from .core.desired import MergeResult, merge_document
 from .core.errors import AuthorityError, DocumentRejected, NodeManagerError
 from .core.plan import Action, ActionKind, plan_actions
-from .core.records import AuthorityDocument, Sliver
+from .core.records import AuthorityDocument, Rejection, Sliver
+from .datadir import Meta
 from .operations import SliverOperations
 from .store import Store
 from .workers import Completion, WorkerPool
@@ -32,13 +39,19 @@ logger = logging.getLogger(__name__)
 
 Fetch = Callable[[], tuple[AuthorityDocument, frozenset[str]]]
 
-META_AUTHORITY_TIMESTAMP = "authority_timestamp"
-META_BWCAP = "bwcap_kbps"
-META_LAST_SYNC = "last_sync_time"
-META_LAST_OUTCOME = "last_sync_outcome"
-META_LAST_GOOD = "last_good_sync_time"
-#: Set by `nodemanager sync --allow-mass-delete` for the running daemon's next cycle.
-META_ALLOW_MASS_DELETE = "allow_mass_delete_requested"
+
+class SyncResult(str, Enum):
+    """How one cycle went (metrics label ``outcome``, ``status``)."""
+
+    OK = "ok"
+    #: The document was older than the data already held: ignored, the cycle is still good.
+    STALE = "stale"
+    #: The authority answered garbage (malformed as a whole): nothing changed.
+    REJECTED = "rejected"
+    #: The authority could not be reached or faulted: the last good state is kept.
+    UNAVAILABLE = "authority-unavailable"
+    #: The cycle itself failed (the store, a bug): logged with its traceback.
+    ERROR = "error"
 
 
 @dataclass
@@ -53,12 +66,13 @@ class SyncOutcome:
     deletes: int = 0
     held: tuple[str, ...] = ()
     valve_tripped: bool = False
+    #: The document's rejected entries (label and reason), for ``plan``.
+    rejections: tuple[Rejection, ...] = ()
     actions: list[Action] = field(default_factory=list)
     completions: dict[str, Completion] = field(default_factory=dict)
     duration_s: float = 0.0
-    #: How the cycle went, for metrics: "ok", "stale" (document older than held data),
-    #: "rejected" (garbage document) or "unavailable" (authority unreachable or faulted).
-    result: str = "ok"
+    #: How the cycle went (``ok`` is True for OK and STALE only).
+    result: SyncResult = SyncResult.OK
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -78,9 +92,9 @@ class Syncer:
         *,
         store: Store,
         backend: Backend,
-        operations: SliverOperations | None,
-        pool: WorkerPool | None,
-        fetch: Fetch | None,
+        operations: SliverOperations,
+        pool: WorkerPool,
+        fetch: Fetch,
         clock: Clock,
         max_delete_fraction: float = 0.5,
         confirm_after: int = 2,
@@ -98,14 +112,12 @@ class Syncer:
         self.authority_seen = False
 
     # --- the pieces ----------------------------------------------------------------------
-    def _fetch(self) -> tuple[AuthorityDocument, frozenset[str]] | None:
+    def _fetch(self) -> tuple[AuthorityDocument, frozenset[str]]:
         """Fetch and parse with the cyclic garbage collector paused.
 
         A 10,000-sliver document allocates about a million objects, none of them in reference
         cycles; left on, the collector would walk the daemon's whole heap several times while
         they are made (measured: 10-20 % of the parse, and seconds once the heap is large)."""
-        if self.fetch is None:
-            return None
         enabled = gc.isenabled()
         gc.disable()
         try:
@@ -116,7 +128,7 @@ class Syncer:
 
     def merge(self, doc: AuthorityDocument, protected: frozenset[str], *, allow_mass_delete: bool) -> MergeResult | None:
         """Merge ``doc`` into the stored records (not persisted). None for a stale document."""
-        last = int(self.store.get_meta(META_AUTHORITY_TIMESTAMP, "0") or 0)
+        last = int(self.store.get_meta(Meta.AUTHORITY_TIMESTAMP, "0") or 0)
         if doc.timestamp < last:
             logger.warning(
                 "event=stale-document timestamp=%d newest_seen=%d action=ignored", doc.timestamp, last
@@ -132,11 +144,9 @@ class Syncer:
             protected=protected,
         )
 
-    def plan(self, records: dict[str, Sliver] | None = None) -> list[Action]:
-        """The actions a cycle would hand to the workers now."""
-        return self._plan(records)[0]
-
-    def _plan(self, records: dict[str, Sliver] | None, *, retry_now: bool = False) -> tuple[list[Action], set[str]]:
+    def _plan(
+        self, records: dict[str, Sliver] | None, *, retry_now: bool = False, may_destroy: bool | None = None
+    ) -> tuple[list[Action], set[str]]:
         accounts = self.store.accounts()
         observed = self.backend.observe()
         actions = plan_actions(
@@ -144,7 +154,7 @@ class Syncer:
             accounts,
             observed,
             self.clock.now(),
-            may_destroy_orphans=self.authority_seen,
+            may_destroy_orphans=self.authority_seen if may_destroy is None else may_destroy,
             honour_backoff=not retry_now,
         )
         fresh = {
@@ -154,10 +164,25 @@ class Syncer:
         }
         return actions, fresh
 
+    def dry_run(self) -> tuple[SyncOutcome, list[Action]]:
+        """Fetch and merge the authority's document and plan against the machine, changing
+        nothing (``nodemanager plan``). The outcome says what the document was; the actions are
+        what a cycle would hand to the workers."""
+        doc, protected = self.fetch()
+        merged = self.merge(doc, protected, allow_mass_delete=False)
+        outcome = SyncOutcome(
+            ok=True, message="ok" if merged is not None else "stale document ignored",
+            document_timestamp=doc.timestamp, rejected=len(doc.rejected),
+            result=SyncResult.OK if merged is not None else SyncResult.STALE,
+        )
+        outcome.rejections = doc.rejected
+        if merged is not None:
+            outcome.held, outcome.valve_tripped = merged.held, merged.valve_tripped
+        actions, _ = self._plan(merged.records if merged is not None else None, may_destroy=True)
+        return outcome, actions
+
     def submit(self, action: Action) -> Completion:
-        """Hand one action to the sliver's worker (a Syncer built for ``plan`` has none)."""
-        if self.operations is None or self.pool is None:
-            raise RuntimeError("this Syncer only plans: it has no workers")
+        """Hand one action to the sliver's worker."""
         ops = self.operations
         if action.kind is ActionKind.DESTROY:
             return self.pool.submit(action.name, "destroy", lambda: ops.destroy(action.name))
@@ -185,19 +210,31 @@ class Syncer:
         ``retry_now`` retries failed slivers without waiting for their backoff (an operator's
         explicit ``sync --once``)."""
         started = time.monotonic()
-        operator_allowed = self.store.get_meta(META_ALLOW_MASS_DELETE) == "1"
+        try:
+            outcome = self._cycle(allow_mass_delete, wait, before_submit, retry_now)
+        except Exception as exc:  # noqa: BLE001 - a failed cycle is an outcome, not a crash
+            logger.exception("event=sync-error error=%s", exc)
+            outcome = SyncOutcome(ok=False, message=f"sync failed: {type(exc).__name__}: {exc}",
+                                  result=SyncResult.ERROR)
+        outcome.duration_s = time.monotonic() - started
+        self._record_outcome(outcome)
+        return outcome
+
+    def _cycle(
+        self, allow_mass_delete: bool, wait: bool, before_submit: Callable[[], None] | None, retry_now: bool
+    ) -> SyncOutcome:
+        operator_allowed = self.store.get_meta(Meta.ALLOW_MASS_DELETE) == "1"
         allow_mass_delete = allow_mass_delete or operator_allowed
-        outcome = SyncOutcome(ok=True, message="no authority configured")
         records: dict[str, Sliver] | None = None
         try:
-            fetched = self._fetch()
+            doc, protected = self._fetch()
         except AuthorityError as exc:
-            kind = "rejected" if isinstance(exc, DocumentRejected) else "unavailable"
-            logger.error("event=authority-%s error=%s action=keeping-last-good-state", kind, exc)
-            outcome = SyncOutcome(ok=False, message=f"authority {kind}: {exc}", result=kind)
-            fetched = None
-        if fetched is not None:
-            doc, protected = fetched
+            rejected = isinstance(exc, DocumentRejected)
+            result = SyncResult.REJECTED if rejected else SyncResult.UNAVAILABLE
+            word = "rejected" if rejected else "unavailable"
+            logger.error("event=authority-%s error=%s action=keeping-last-good-state", word, exc)
+            outcome = SyncOutcome(ok=False, message=f"authority {word}: {exc}", result=result)
+        else:
             for rejection in doc.rejected:
                 logger.error("event=entry-rejected entry=%s reason=%s", rejection.label, rejection.reason)
             merged = self.merge(doc, protected, allow_mass_delete=allow_mass_delete)
@@ -206,41 +243,35 @@ class Syncer:
                 message="ok" if merged is not None else "stale document ignored",
                 document_timestamp=doc.timestamp,
                 rejected=len(doc.rejected),
-                result="ok" if merged is not None else "stale",
+                result=SyncResult.OK if merged is not None else SyncResult.STALE,
             )
             if merged is not None:
                 records = self._persist(doc, merged, outcome)
                 if operator_allowed:
-                    self.store.set_meta({META_ALLOW_MASS_DELETE: ""})
+                    self.store.set_meta({Meta.ALLOW_MASS_DELETE: ""})
                     logger.warning("event=mass-delete-allowed-by-operator deletes=%d", len(merged.deletes))
             self.authority_seen = True
-        try:
-            if before_submit is not None:
-                before_submit()
-            outcome.actions, fresh = self._plan(records, retry_now=retry_now)
-            if fresh:
-                # Record ownership intent for every new account in one durable transaction
-                # before any useradd runs (the per-sliver path would cost one fsync each).
-                self.store.mark_owned(sorted(fresh))
-            for action in outcome.actions:
-                logger.info("sliver=%s event=planned action=%s reason=%s", action.name, action.kind.value, action.reason)
-                outcome.completions[action.name] = self.submit(action)
-            if wait:
-                for completion in outcome.completions.values():
-                    try:
-                        completion.wait()
-                    except NodeManagerError:
-                        pass  # logged with the sliver name by the operation; retried later
-                    except RuntimeError:
-                        pass  # cancelled by shutdown
-        finally:
-            outcome.duration_s = time.monotonic() - started
-            self._record_outcome(outcome)
+        if before_submit is not None:
+            before_submit()
+        outcome.actions, fresh = self._plan(records, retry_now=retry_now)
+        if fresh:
+            # Record ownership intent for every new account in one durable transaction
+            # before any useradd runs (the per-sliver path would cost one fsync each).
+            self.store.mark_owned(sorted(fresh))
+        for action in outcome.actions:
+            logger.info("sliver=%s event=planned action=%s reason=%s", action.name, action.kind.value, action.reason)
+            outcome.completions[action.name] = self.submit(action)
+        if wait:
+            for completion in outcome.completions.values():
+                try:
+                    completion.wait()
+                except Exception:  # noqa: BLE001 - that sliver's failure, logged and recorded
+                    pass  # by the operation (with backoff); or the pool is shutting down
         return outcome
 
     def _persist(self, doc: AuthorityDocument, merged: MergeResult, outcome: SyncOutcome) -> dict[str, Sliver]:
-        meta = {META_AUTHORITY_TIMESTAMP: str(doc.timestamp)}
-        meta[META_BWCAP] = "" if doc.bwcap_kbps is None else str(doc.bwcap_kbps)
+        meta = {Meta.AUTHORITY_TIMESTAMP: str(doc.timestamp)}
+        meta[Meta.BWCAP] = "" if doc.bwcap_kbps is None else str(doc.bwcap_kbps)
         self.store.apply_records(merged.upserts, merged.deletes, meta)
         if merged.valve != self.store.valve():
             self.store.set_valve(merged.valve)
@@ -258,9 +289,9 @@ class Syncer:
 
     def _record_outcome(self, outcome: SyncOutcome) -> None:
         now = self.clock.now()
-        meta = {META_LAST_SYNC: f"{now:.0f}", META_LAST_OUTCOME: outcome.summary()}
+        meta = {Meta.LAST_SYNC: f"{now:.0f}", Meta.LAST_OUTCOME: outcome.summary()}
         if outcome.ok:
-            meta[META_LAST_GOOD] = f"{now:.0f}"
+            meta[Meta.LAST_GOOD] = f"{now:.0f}"
         try:
             self.store.set_meta(meta)
         except NodeManagerError as exc:

@@ -48,8 +48,8 @@ from .authority.parse import is_openssh_public_key, is_tag_name
 from .authority.safe_xml import parse_xml_safely
 from .clock import Clock
 from .core.authz import Caller
-from .core.errors import ConfigError, DocumentRejected, TicketRejected
-from .core.records import AccountState
+from .core.errors import ConfigError, DocumentRejected, TicketReason, TicketRejected
+from .core.records import AccountState, parse_node_id
 from .core.tickets import TicketData, check_ticket, ticket_sliver
 from .store import Store
 
@@ -64,7 +64,6 @@ MAX_TICKET_BYTES = 256 * 1024
 DSIG_NS = "http://www.w3.org/2000/09/xmldsig#"
 #: Tags carried by dedicated ticket elements (or fields): as attributes they would be ambiguous.
 _RESERVED_TAGS = frozenset({"controller", "delegations"})
-_MAX_INT = 2**63 - 1
 #: The elements a ticket's signature may hold; any other (ds:Object, ...) is refused.
 _SIGNATURE_PARTS = frozenset(f"{{{DSIG_NS}}}{part}" for part in ("SignedInfo", "SignatureValue", "KeyInfo"))
 
@@ -99,38 +98,39 @@ class NodeIdFile:
             try:
                 text = self.path.read_text(encoding="ascii").strip()
             except (OSError, UnicodeDecodeError) as exc:
-                raise TicketRejected(f"this node's id is unknown ({self.path}: {exc})") from exc
-            if not (text.isdigit() and 0 < int(text) <= _MAX_INT):
-                raise TicketRejected(f"this node's id is unknown ({self.path} holds no positive integer)")
-            self._value = int(text)
+                raise TicketRejected(TicketReason.NODE_UNKNOWN, f"{self.path}: {exc}") from exc
+            node_id = parse_node_id(text)
+            if node_id is None:
+                raise TicketRejected(TicketReason.NODE_UNKNOWN, f"{self.path} holds no positive integer")
+            self._value = node_id
         return self._value
 
 
 def _int(element: Any, attribute: str, where: str) -> int:
     raw = element.get(attribute)
     if raw is None:
-        raise TicketRejected(f"malformed: {where} has no {attribute!r}")
+        raise TicketRejected(TicketReason.MALFORMED, f"{where} has no {attribute!r}")
     text = raw.strip()
     if not (text.isascii() and text.isdigit() and len(text) <= 18):
-        raise TicketRejected(f"malformed: {where} {attribute}={raw[:30]!r} is not a non-negative integer")
+        raise TicketRejected(TicketReason.MALFORMED, f"{where} {attribute}={raw[:30]!r} is not a non-negative integer")
     return int(text)
 
 
 def _no_text(element: Any, where: str) -> None:
     if (element.text or "").strip() or len(element):
-        raise TicketRejected(f"malformed: {where} must be empty")
+        raise TicketRejected(TicketReason.MALFORMED, f"{where} must be empty")
 
 
 def ticket_data(root: Any) -> TicketData:
     """Extract :class:`TicketData` from the signed ``<ticket>`` element; anything unexpected
     (unknown or repeated elements, bad numbers, bad keys or tag names) is ``TicketRejected``."""
     if not isinstance(root.tag, str) or root.tag != "ticket":
-        raise TicketRejected(f"malformed: the signed element is <{root.tag}>, not <ticket>")
+        raise TicketRejected(TicketReason.MALFORMED, f"the signed element is <{root.tag}>, not <ticket>")
     ticket_id = root.get("id", "")
     issued, expires = _int(root, "issued", "<ticket>"), _int(root, "expires", "<ticket>")
     children = [c for c in root if isinstance(c.tag, str)]
     if len(children) != 1 or children[0].tag != "slice":
-        raise TicketRejected("malformed: <ticket> must hold exactly one <slice> (and its signature)")
+        raise TicketRejected(TicketReason.MALFORMED, "<ticket> must hold exactly one <slice> (and its signature)")
     element = children[0]
     slice_name = element.get("name", "")
     slice_id = _int(element, "id", "<slice>")
@@ -150,20 +150,20 @@ def ticket_data(root: Any) -> TicketData:
         elif child.tag == "key":
             key = (child.text or "").strip()
             if child.get("type") != "ssh" or len(child) or not is_openssh_public_key(key):
-                raise TicketRejected(f"malformed: <key> is not an ssh key: {key[:40]!r}")
+                raise TicketRejected(TicketReason.MALFORMED, f"<key> is not an ssh key: {key[:40]!r}")
             keys.append(key)
         elif child.tag == "attribute":
             _no_text(child, "<attribute>")
             tag, value = child.get("name"), child.get("value")
             if tag is None or value is None or not is_tag_name(tag) or tag in _RESERVED_TAGS:
-                raise TicketRejected(f"malformed: <attribute name={str(tag)[:40]!r}> is not acceptable")
+                raise TicketRejected(TicketReason.MALFORMED, f"<attribute name={str(tag)[:40]!r}> is not acceptable")
             attributes.append((tag, value))
         else:
-            raise TicketRejected(f"malformed: unexpected <{child.tag}> in <slice>")
+            raise TicketRejected(TicketReason.MALFORMED, f"unexpected <{child.tag}> in <slice>")
     if len(controllers) != 1:
-        raise TicketRejected("malformed: <slice> must name exactly one <controller>")
+        raise TicketRejected(TicketReason.MALFORMED, "<slice> must name exactly one <controller>")
     if not nodes:
-        raise TicketRejected("malformed: <slice> lists no <node>")
+        raise TicketRejected(TicketReason.MALFORMED, "<slice> lists no <node>")
     initscript = next((value for tag, value in attributes if tag == "initscript_code"), "")
     return TicketData(
         ticket_id=ticket_id,
@@ -184,36 +184,36 @@ def ticket_data(root: Any) -> TicketData:
 def verify_ticket(ticket: str | bytes, certificate: x509.Certificate) -> TicketData:
     """Steps 1-3 of the module docstring: the ticket's data, read only from what ``certificate``'s
     key signed. Raises ``TicketRejected``."""
-    too_large = f"too large: a ticket may have at most {MAX_TICKET_BYTES} bytes"
+    too_large = f"a ticket may have at most {MAX_TICKET_BYTES} bytes"
     if len(ticket) > MAX_TICKET_BYTES:  # characters <= bytes: no need to encode a huge string
-        raise TicketRejected(too_large)
+        raise TicketRejected(TicketReason.TOO_LARGE, too_large)
     try:
         body = ticket.encode("utf-8") if isinstance(ticket, str) else bytes(ticket)
     except UnicodeEncodeError as exc:
-        raise TicketRejected(f"malformed: not encodable as UTF-8: {exc.reason}") from None
+        raise TicketRejected(TicketReason.MALFORMED, f"not encodable as UTF-8: {exc.reason}") from None
     if len(body) > MAX_TICKET_BYTES:
-        raise TicketRejected(too_large)
+        raise TicketRejected(TicketReason.TOO_LARGE, too_large)
     try:
         parse_xml_safely(body, max_bytes=MAX_TICKET_BYTES, what="ticket")
     except DocumentRejected as exc:
-        raise TicketRejected(f"malformed: {exc}") from None
+        raise TicketRejected(TicketReason.MALFORMED, f"{exc}") from None
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
     try:
         result = XMLVerifier().verify(body, x509_cert=certificate, parser=parser, expect_config=_EXPECT)
     except InvalidSignature as exc:
         if "verification failed" not in str(exc):
-            raise TicketRejected(f"bad signature: {str(exc)[:200]}") from None
-        raise TicketRejected("bad signature: not signed with the authority's key") from None
+            raise TicketRejected(TicketReason.SIGNATURE, f"{str(exc)[:200]}") from None
+        raise TicketRejected(TicketReason.SIGNATURE, "not signed with the authority's key") from None
     except (SignXMLException, etree.LxmlError, ValueError) as exc:
-        raise TicketRejected(f"bad signature: {str(exc)[:200] or type(exc).__name__}") from None
+        raise TicketRejected(TicketReason.SIGNATURE, f"{str(exc)[:200] or type(exc).__name__}") from None
     extra = [c.tag for c in result.signature_xml if isinstance(c.tag, str) and c.tag not in _SIGNATURE_PARTS]
     if extra:  # e.g. a ds:Object smuggling a second <slice> past the enveloped-signature transform
-        raise TicketRejected(f"bad signature: unexpected content in the signature: {str(extra[0])[:80]}")
+        raise TicketRejected(TicketReason.SIGNATURE, f"unexpected content in the signature: {str(extra[0])[:80]}")
     references = result.signature_xml.findall(f"{{{DSIG_NS}}}SignedInfo/{{{DSIG_NS}}}Reference")
     if len(references) != 1 or references[0].get("URI") != "":
-        raise TicketRejected('bad signature: the signed reference must be URI="" (the whole ticket)')
+        raise TicketRejected(TicketReason.SIGNATURE, 'the signed reference must be URI="" (the whole ticket)')
     if result.signed_xml is None:
-        raise TicketRejected("malformed: the signed data is not an XML element")
+        raise TicketRejected(TicketReason.MALFORMED, "the signed data is not an XML element")
     return ticket_data(result.signed_xml)
 
 
@@ -261,7 +261,7 @@ class TicketVerifier:
             )
             record = ticket_sliver(data)
             if not self.store.redeem_ticket(record, data.issued):
-                raise TicketRejected(f"replay: a ticket for {name} at least as new was accepted meanwhile")
+                raise TicketRejected(TicketReason.REPLAY, f"a ticket for {name} at least as new was accepted meanwhile")
         logger.info(
             "sliver=%s event=ticket-accepted ticket=%s issued=%d expires=%d controller=%s",
             name, data.ticket_id[:64], data.issued, record.expires, data.controller,

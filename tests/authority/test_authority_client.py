@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from nodemanager.authority.client import AuthorityClient, backoff_delay, next_poll_delay
+from nodemanager.authority.client import AuthorityClient, next_poll_delay
+from nodemanager.core.retry import backoff_delay
 from nodemanager.authority.parse import loads_xmlrpc_call
 from nodemanager.authority.server import AuthorityServer
 from nodemanager.config import parse_config
@@ -97,7 +98,7 @@ def test_500_then_200_is_retried_with_backoff(scripted_server: Scripted) -> None
     sleep = FakeSleep()
     document, _ = client(f"http://127.0.0.1:{server.port}/PLCAPI/", sleep).fetch()
     assert document.timestamp == 10
-    assert sleep.calls == [0.75, 1.5]  # base 1 s then 2 s, jittered into the upper half (rng 0.5)
+    assert sleep.calls == [1.0, 2.0]  # base 1 s then 2 s, jittered by 0.5 + rng (rng 0.5)
     method, params = loads_xmlrpc_call(server.requests[0][2], 4096)
     assert method == "GetSlivers" and params[0]["AuthMethod"] == "hmac" and params[0]["node_id"] == 1
 
@@ -242,6 +243,7 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
 def test_poll_and_backoff_delays() -> None:
     assert next_poll_delay(600, 300, lambda: 0.0) == 600
     assert next_poll_delay(600, 300, lambda: 0.999) == pytest.approx(899.7)
-    assert [backoff_delay(n, 1.0, lambda: 1.0) for n in range(4)] == [1.0, 2.0, 4.0, 8.0]
-    assert backoff_delay(3, 1.0, lambda: 0.0) == 4.0
-    assert backoff_delay(30, 1.0, lambda: 1.0) == 300.0
+    assert [backoff_delay(n, 1.0, rng=lambda: 0.5) for n in range(1, 5)] == [1.0, 2.0, 4.0, 8.0]
+    assert backoff_delay(4, 1.0, rng=lambda: 0.0) == 4.0
+    assert backoff_delay(31, 1.0, 300.0, rng=lambda: 0.5) == 300.0
+    assert backoff_delay(10_000, 1.0, rng=lambda: 0.5) > 0  # no overflow

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from nodemanager.authority.parse import (
     load_document,
     loads_xmlrpc_response,
-    parse_getslivers,
     parse_getslivers_with_protection,
 )
 from nodemanager.core.errors import DocumentRejected
@@ -115,12 +114,12 @@ def test_real_plcapi_answer_is_accepted_unchanged_through_xmlrpc() -> None:
 def test_bwcap_member_wins_over_interfaces_and_nil_bwlimit_means_no_cap() -> None:
     data = plcapi_answer()
     data["bwcap"] = 777
-    assert parse_getslivers(data, expected_node_id=42).bwcap_kbps == 777
+    assert parse_getslivers_with_protection(data, expected_node_id=42)[0].bwcap_kbps == 777
     data = plcapi_answer()
     data["interfaces"][1]["bwlimit"] = None
-    assert parse_getslivers(data, expected_node_id=42).bwcap_kbps is None
+    assert parse_getslivers_with_protection(data, expected_node_id=42)[0].bwcap_kbps is None
     data["interfaces"] = None
-    assert parse_getslivers(data, expected_node_id=42).bwcap_kbps is None
+    assert parse_getslivers_with_protection(data, expected_node_id=42)[0].bwcap_kbps is None
 
 
 @pytest.mark.parametrize(
@@ -144,7 +143,7 @@ def test_invalid_name_is_dropped_with_a_reason_while_siblings_proceed(bad_name: 
 def test_label_shows_only_a_short_printable_name() -> None:
     data = plcapi_answer()
     data["slivers"] = [sliver_entry("a;b"), sliver_entry("bad\nname"), sliver_entry("y" * 100)]
-    labels = [r.label for r in parse_getslivers(data, expected_node_id=42).rejected]
+    labels = [r.label for r in parse_getslivers_with_protection(data, expected_node_id=42)[0].rejected]
     assert labels == ["#0 'a;b'", "#1", "#2"]
 
 
@@ -208,7 +207,7 @@ def test_duplicate_names_reject_every_entry_of_that_name() -> None:
 def test_unhashable_name_does_not_break_duplicate_detection() -> None:
     data = plcapi_answer()
     data["slivers"].append(sliver_entry(["site_alpha"]))
-    document = parse_getslivers(data, expected_node_id=42)
+    document = parse_getslivers_with_protection(data, expected_node_id=42)[0]
     assert len(document.slivers) == 6 and len(document.rejected) == 1
 
 
@@ -235,20 +234,20 @@ def test_document_malformed_as_a_whole_is_rejected(mutate: Any, why: str) -> Non
     data = plcapi_answer()
     mutate(data)
     with pytest.raises(DocumentRejected, match=why):
-        parse_getslivers(data, expected_node_id=42)
+        parse_getslivers_with_protection(data, expected_node_id=42)[0]
 
 
 @pytest.mark.parametrize("data", [[], "doc", None, 5])
 def test_a_document_that_is_not_a_struct_is_rejected(data: Any) -> None:
     with pytest.raises(DocumentRejected, match="struct"):
-        parse_getslivers(data, expected_node_id=None)
+        parse_getslivers_with_protection(data, expected_node_id=None)[0]
 
 
 def test_node_id_is_optional_and_unchecked_without_an_expected_id() -> None:
     data = plcapi_answer()
-    assert parse_getslivers(data, expected_node_id=None).node_id == 42
+    assert parse_getslivers_with_protection(data, expected_node_id=None)[0].node_id == 42
     del data["node_id"]
-    assert parse_getslivers(data, expected_node_id=42).node_id is None
+    assert parse_getslivers_with_protection(data, expected_node_id=42)[0].node_id is None
 
 
 def test_now_leaves_out_expired_entries_without_protecting_them() -> None:
@@ -262,20 +261,20 @@ def test_now_leaves_out_expired_entries_without_protecting_them() -> None:
 def test_input_is_not_modified() -> None:
     data = plcapi_answer()
     before = copy.deepcopy(data)
-    parse_getslivers(data, expected_node_id=42)
+    parse_getslivers_with_protection(data, expected_node_id=42)[0]
     assert data == before
 
 
 def test_an_empty_sliver_list_is_a_valid_document() -> None:
     data = plcapi_answer()
     data["slivers"] = []
-    document = parse_getslivers(data, expected_node_id=42)
+    document = parse_getslivers_with_protection(data, expected_node_id=42)[0]
     assert document.slivers == () and document.timestamp == 1_700_000_000
 
 
 def test_loads_then_parse_matches_the_xmlrpc_path_of_load_document() -> None:
     body = xmlrpc.client.dumps((plcapi_answer(),), methodresponse=True, allow_none=True).encode()
-    direct = parse_getslivers(loads_xmlrpc_response(body, 1 << 20), expected_node_id=42)
+    direct = parse_getslivers_with_protection(loads_xmlrpc_response(body, 1 << 20), expected_node_id=42)[0]
     assert direct == load_document("http://plc/PLCAPI/", body, expected_node_id=42, max_bytes=1 << 20)[0]
 
 

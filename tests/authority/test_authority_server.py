@@ -13,7 +13,7 @@ import pytest
 
 from nodemanager.authority.auth import hmac_auth
 from nodemanager.authority.model import getslivers_struct, load_authority_text, slices_xml
-from nodemanager.authority.parse import parse_getslivers, parse_slices_xml
+from nodemanager.authority.parse import parse_getslivers_with_protection, parse_slices_xml
 from nodemanager.authority.server import AuthorityServer, serve
 from nodemanager.core.errors import ConfigError, NotAllowedForSliver
 from nodemanager.core.records import DELEGATED, NM_CONTROLLER, NOT_INSTANTIATED, PLC_INSTANTIATED
@@ -96,13 +96,13 @@ def test_documents_round_trip_through_the_node_parsers() -> None:
                 f'[[slices]]\nname = "site_a"\nid = 1\nnodes = [2]\nkeys = ["{KEY}"]\ninitscript = "echo <&>\\n"\n'
                 '[[slices]]\nname = "site_c"\nid = 2\ninstantiation = "nm-controller"\n'
                 '[[slices]]\nname = "site_d"\nid = 3\ninstantiation = "delegated"\ncontroller = "site_c"\n')
-    from_xmlrpc = parse_getslivers(getslivers_struct(data, 2), expected_node_id=2)
+    from_xmlrpc = parse_getslivers_with_protection(getslivers_struct(data, 2), expected_node_id=2)[0]
     from_xml, _ = parse_slices_xml(slices_xml(data, 2), expected_node_id=2)
     assert from_xml == from_xmlrpc
     assert [s.name for s in from_xml.slivers] == ["site_a", "site_c", "site_d"]
     assert from_xml.slivers[0].initscript == "echo <&>\n" and from_xml.bwcap_kbps == 900
     assert from_xml.slivers[2].controller == "site_c"
-    assert [s.name for s in parse_getslivers(getslivers_struct(data, 1), expected_node_id=1).slivers] == ["site_c", "site_d"]
+    assert [s.name for s in parse_getslivers_with_protection(getslivers_struct(data, 1), expected_node_id=1)[0].slivers] == ["site_c", "site_d"]
     with pytest.raises(KeyError):
         getslivers_struct(data, 3)
 
@@ -117,7 +117,7 @@ def test_the_demo_file() -> None:
     assert {entry.name: entry.controller for entry in data.slices}["demo_deleg"] == "demo_ctrl"
     assert all(len("demo" + name) <= 32 for name in kinds)
     assert all(entry.keys and entry.keys[0].startswith("ssh-ed25519 ") for entry in data.slices)
-    document = parse_getslivers(getslivers_struct(data, 1), expected_node_id=1)
+    document = parse_getslivers_with_protection(getslivers_struct(data, 1), expected_node_id=1)[0]
     assert document.rejected == () and len(document.slivers) == len(kinds)
 
 

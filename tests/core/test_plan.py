@@ -94,6 +94,41 @@ def test_delegated_sliver_waits_for_create() -> None:
     assert action.kind is ActionKind.CREATE and action.start is False
 
 
+def test_wanted_sliver_left_destroying_is_recreated() -> None:
+    """Regression (issue 11): a daemon killed between marking a destroy and userdel left a
+    still-wanted sliver in DESTROYING for ever, unenforced."""
+    record = sliver()
+    state = owned_state(record, phase=Phase.DESTROYING)
+    action = only(plan([record], [state], [ObservedAccount("site_a", 5000)]))
+    assert (action.kind, action.reason, action.start) == (
+        ActionKind.CREATE, "finishing an interrupted destroy, then creating it again", True)
+
+
+def test_unwanted_sliver_left_destroying_is_finished_even_before_a_good_document() -> None:
+    record = sliver()
+    state = owned_state(record, phase=Phase.DESTROYING)
+    action = only(plan([], [state], [ObservedAccount("site_a", 5000)], orphans=False))
+    assert action.kind is ActionKind.DESTROY
+    assert plan([], [owned_state(record)], [ObservedAccount("site_a", 5000)], orphans=False) == []
+
+
+def test_account_left_absent_after_an_interrupted_create_is_configured() -> None:
+    record = sliver()
+    state = owned_state(record, uid=None, phase=Phase.ABSENT)
+    action = only(plan([record], [state], [ObservedAccount("site_a", 5000)]))
+    assert action.kind is ActionKind.CONFIGURE and "transitional" in action.reason
+
+
+def test_changed_access_signature_is_repaired() -> None:
+    record = sliver()
+    state = owned_state(record, access="sig-1")
+    assert plan([record], [state], [ObservedAccount("site_a", 5000, access="sig-1")]) == []
+    action = only(plan([record], [state], [ObservedAccount("site_a", 5000, access="sig-2")]))
+    assert action.kind is ActionKind.CONFIGURE and "lock state or keys" in action.reason
+    # no signature recorded (a store from before signatures, or a backend without them): no check
+    assert plan([record], [owned_state(record)], [ObservedAccount("site_a", 5000, access="x")]) == []
+
+
 def test_create_is_planned_even_when_a_foreign_account_has_the_name() -> None:
     action = only(plan([sliver()], observed=[ObservedAccount("site_a", 1234)]))
     assert action.kind is ActionKind.CREATE and action.reason == "new sliver"
@@ -296,7 +331,7 @@ def simulate(actions, records, accounts, observed):
             )
             observed[name] = ObservedAccount(name, uid)
         elif action.kind is ActionKind.CONFIGURE:
-            phase = Phase.STOPPED if state.phase == Phase.FAILED else state.phase
+            phase = state.phase if state.phase in (Phase.RUNNING, Phase.STOPPED) else Phase.STOPPED
             accounts[name] = replace(state, applied=action.sliver.fingerprint(), phase=phase)
     return records, accounts, observed
 

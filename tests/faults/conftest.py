@@ -4,7 +4,7 @@
   switches between a good document and the faults of issue 6 (down, slow, 500, truncated, huge,
   wrong node, empty). "Down" really closes the listening socket (connection refused) and "up"
   binds the same port again.
-* :class:`RunningNode` -- ``NodeManager.run()`` (the daemon's real poll loop) in a thread with the
+* :class:`RunningNode` -- ``Node.run()`` (the daemon's real poll loop) in a thread with the
   hollow backend, the API on a Unix socket (``api.tcp = ""``) and a real ``AuthorityClient``
   (short timeout, one retry, no back-off sleeps). :meth:`RunningNode.cycle` wakes the loop and
   waits for the cycle it triggered.
@@ -35,7 +35,7 @@ from nodemanager.api.client import local_proxy
 from nodemanager.authority.client import AuthorityClient
 from nodemanager.config import Config, parse_config
 from nodemanager.core.records import AccountState, Sliver
-from nodemanager.daemon import NodeManager, Overrides
+from nodemanager.daemon import Node, build_node
 from nodemanager.sync import SyncOutcome
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFaultSuiteKey{:029d} f@t"
@@ -195,7 +195,7 @@ class RunningNode:
     def __init__(self, config: Config, client: AuthorityClient) -> None:
         self.config = config
         self.client = client
-        self.manager = NodeManager(config, Overrides(fetch=client.fetch))
+        self.manager = build_node(config, fetch=client.fetch)
         self._outcomes: list[SyncOutcome] = []
         self._changed = threading.Condition()
         self.manager.on_sync.append(self._record)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nodemanager.core.errors import StoreError
-from nodemanager.daemon import NodeManager, Overrides
+from nodemanager.daemon import Node, build_node
 from nodemanager.health import check_health
 from nodemanager.testing.fakeauthority import FakeAuthority
 
@@ -98,7 +98,7 @@ def test_disk_full_fails_the_sync_clearly_and_the_next_cycle_after_freeing_succe
     authority.serve(slices_xml(NAMES + MANY, 2000, pad=300))  # far more than the free pages left in the WAL
     with ApiHammer(node.socket_path) as hammer:
         node.trigger()
-        assert node.wait_metric("nodemanager_syncs_total", 1, outcome="store-error")
+        assert node.wait_metric("nodemanager_syncs_total", 1, outcome="error")
         assert hammer.wait_answers(hammer.answers + 3)
         health = check_health(node.config)
     assert hammer.failures == []
@@ -132,7 +132,7 @@ def test_a_store_turned_read_only_keeps_the_api_and_recovers_after_repair(
     authority.serve(slices_xml(NAMES[:8] + ["site_new"], 2000))
     with ApiHammer(node.socket_path) as hammer:
         node.trigger()
-        assert node.wait_metric("nodemanager_syncs_total", 1, outcome="store-error")
+        assert node.wait_metric("nodemanager_syncs_total", 1, outcome="error")
         assert hammer.wait_answers(hammer.answers + 3)
         health = check_health(node.config)
     assert hammer.failures == [] and node.alive()
@@ -153,9 +153,10 @@ def test_a_store_turned_read_only_keeps_the_api_and_recovers_after_repair(
 
 def test_a_daemon_started_on_a_read_only_store_says_so(small_fs: SmallFs, short_dir: Path) -> None:
     config = node_config(small_fs.mount / "data", short_dir)
-    manager = NodeManager(config, Overrides(fetch=FakeAuthority().fetch))
+    manager = build_node(config, fetch=FakeAuthority().fetch)
+    manager.start(serve=False)
     manager.close()
     small_fs.umount()
     small_fs.mount_rw("ro")
     with pytest.raises(StoreError, match="Read-only file system"):
-        NodeManager(config, Overrides(fetch=authority_client("file:///nonexistent/slices.xml").fetch))
+        build_node(config, fetch=authority_client("file:///nonexistent/slices.xml").fetch).start()

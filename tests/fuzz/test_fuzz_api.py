@@ -28,7 +28,7 @@ from nodemanager.core.authz import METHODS
 from nodemanager.core.errors import InvalidArgument, InvalidLoans
 from nodemanager.core.records import DELEGATED, Loan, is_valid_name
 from nodemanager.core.rspec import LOANABLE, validate_loans
-from nodemanager.daemon import NodeManager, Overrides
+from nodemanager.daemon import Node, build_node
 from nodemanager.testing.fakeauthority import FakeAuthority, make_sliver
 
 from .conftest import INTERESTING_TEXT, VALUES, fuzz_settings, mutated_bytes
@@ -88,7 +88,7 @@ def test_parse_request_round_trips_valid_bodies(params: list[Any], method: str) 
 
 
 @pytest.fixture(scope="module")
-def node_api() -> Iterator[NodeManager]:
+def node_api() -> Iterator[Node]:
     """A hollow node with three slivers (one delegated), API not served: dispatch is called
     directly, as the transport does after parsing."""
     base = Path(tempfile.mkdtemp(prefix="nm-fuzz-"))
@@ -100,7 +100,8 @@ def node_api() -> Iterator[NodeManager]:
     authority = FakeAuthority()
     authority.publish([make_sliver("site_alpha"), make_sliver("site_beta"),
                        make_sliver("site_deleg", instantiation=DELEGATED)])
-    manager = NodeManager(config, Overrides(fetch=authority.fetch))
+    manager = build_node(config, fetch=authority.fetch)
+    manager.start(serve=False)
     try:
         assert manager.sync_once().ok
         yield manager
@@ -122,7 +123,7 @@ CALL_ARGS = st.lists(
 
 @fuzz_settings()
 @given(METHOD_NAMES, CALL_ARGS, st.sampled_from([0, 4242, None]))
-def test_dispatch_answers_only_documented_faults(node_api: NodeManager, method: str, params: list[Any],
+def test_dispatch_answers_only_documented_faults(node_api: Node, method: str, params: list[Any],
                                                  uid: int | None) -> None:
     peer = PeerIdentity(TRANSPORT_UNIX, uid=uid)
     try:

@@ -21,7 +21,7 @@ import tomli_w
 from nodemanager.authority.server import AuthorityServer
 from nodemanager.cli import main
 from nodemanager.config import Config, parse_config
-from nodemanager.daemon import AlreadyRunning, NodeManager
+from nodemanager.daemon import AlreadyRunning, Node, build_node
 from nodemanager.store import Store
 from nodemanager.testing.accounts import purge_accounts
 
@@ -112,7 +112,8 @@ def test_daemon_against_bundled_authority_over_http(
 ) -> None:
     server, data = authority
     config = node_config(tmp_path, home_root, f"http://127.0.0.1:{server.port}/PLCAPI/")
-    manager = NodeManager(config)
+    manager = build_node(config)
+    manager.start(serve=False)
     try:
         outcome = manager.sync_once()
         assert outcome.ok, outcome.summary()
@@ -143,7 +144,7 @@ def test_daemon_against_bundled_authority_over_http(
 
         # A second daemon on the same data directory is refused.
         with pytest.raises(AlreadyRunning):
-            NodeManager(config)
+            build_node(config).start()
     finally:
         manager.close()
 
@@ -154,7 +155,8 @@ def test_wrong_node_key_changes_nothing(
     server, _ = authority
     config = node_config(tmp_path, home_root, f"http://127.0.0.1:{server.port}/PLCAPI/")
     Path(config.authority.node_key_file).write_text("not-the-key\n")
-    manager = NodeManager(config)
+    manager = build_node(config)
+    manager.start(serve=False)
     try:
         outcome = manager.sync_once()
         assert not outcome.ok
@@ -188,7 +190,8 @@ def test_hostile_documents_change_nothing(
     doc.write_text(json.dumps({"timestamp": 1000, "node_id": 7,
                                "slivers": [_sliver("site_alpha"), _sliver("site_beta")]}))
     config = node_config(tmp_path, home_root, f"file://{doc}")
-    manager = NodeManager(config)
+    manager = build_node(config)
+    manager.start(serve=False)
     try:
         assert manager.sync_once().ok
         before_records = manager.store.slivers()
@@ -218,7 +221,8 @@ def test_invalid_entries_are_dropped_and_the_rest_proceeds(
     doc = tmp_path / "slivers.json"
     doc.write_text(json.dumps({"timestamp": 1000, "node_id": 7, "slivers": [_sliver("site_alpha")]}))
     config = node_config(tmp_path, home_root, f"file://{doc}")
-    manager = NodeManager(config)
+    manager = build_node(config)
+    manager.start(serve=False)
     try:
         assert manager.sync_once().ok
         bad = [_sliver(name) for name in BAD_NAMES]

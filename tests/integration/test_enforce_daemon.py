@@ -18,7 +18,7 @@ import tomli_w
 from nodemanager.api.client import local_proxy
 from nodemanager.cli import main
 from nodemanager.config import parse_config
-from nodemanager.daemon import NodeManager
+from nodemanager.daemon import Node, build_node
 from nodemanager.testing.accounts import purge_accounts, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -60,7 +60,7 @@ def veth() -> Iterator[str]:
 
 
 @pytest.fixture
-def manager(tmp_path: Path, home_root: Path, veth: str) -> Iterator[tuple[NodeManager, Path]]:
+def manager(tmp_path: Path, home_root: Path, veth: str) -> Iterator[tuple[Node, Path]]:
     cleanup_accounts()
     doc = tmp_path / "slivers.json"
     write_doc(doc, {"site_a": 3, "site_b": 1}, 1000)
@@ -74,24 +74,23 @@ def manager(tmp_path: Path, home_root: Path, veth: str) -> Iterator[tuple[NodeMa
         "slivers": {"home_root": str(home_root), "name_prefix": PREFIX, "stop_grace": 1},
         "enforce": {"cpu": True, "memory": True, "bandwidth": True, "disk": False, "uplink": veth},
     })
-    nm = NodeManager(config)
+    nm = build_node(config)
     assert nm.enforcement is not None and nm.enforcement_loop is not None
     nm.enforcement_loop.place_s = 0.5
     try:
-        nm.start_api()
-        nm.enforcement_loop.start()
+        nm.start()
         yield nm, doc
     finally:
         nm.close()
         cleanup_accounts()
 
 
-def groups(nm: NodeManager, name: str) -> list[Path]:
+def groups(nm: Node, name: str) -> list[Path]:
     """The sliver's cgroups (named after its account)."""
     return nm.enforcement.cgroups(PREFIX + name)  # type: ignore[union-attr]
 
 
-def cpu_value(nm: NodeManager, name: str) -> int | None:
+def cpu_value(nm: Node, name: str) -> int | None:
     """The sliver's cpu.shares (v1) or cpu.weight (v2), whichever hierarchy holds its CPU."""
     for directory in groups(nm, name):
         for file in ("cpu.shares", "cpu.weight"):

@@ -1,7 +1,7 @@
 """The whole ticket story, all real (root): authority -> controller -> SSH -> node -> account.
 
 1. The bundled authority serves a controller slice (``nm-controller``) and a user, carol, who
-   belongs to it. The node manager (``daemon.NodeManager`` from a real configuration, API on a Unix
+   belongs to it. The node manager (``daemon.Node`` from a real configuration, API on a Unix
    socket) syncs once: the controller's delegate account appears.
 2. The authority's operator adds a delegated slice controlled by the controller. Before the node
    polls again, carol gets its ticket with ``GetSliceTicket`` (password auth, over XML-RPC) and
@@ -11,13 +11,11 @@
    the authority's data), and goes.
 4. Delivering the same ticket again is a replay: Fault 102.
 
-Wiring (for the lead, until daemon.py does it): the redeemer needs the manager's store, operations,
-pool and clock, so the manager is built first and ``manager.api.tickets`` is then set to
-``ticket_redeemer_from_config(config, store=manager.store, operations=manager.operations,
-pool=manager.pool, clock=manager.clock)``, before ``start_api()``.
-
-The backend is ``AccountBackend.from_config``'s, except that the shells file is a copy (the real
-/etc/shells is left alone). Accounts are named ``nmt4...`` and always removed.
+The node is built by ``daemon.build_node`` from a real configuration (its ticket verifier from
+``authority.ticket_cert``); the backend is ``AccountBackend.from_config``'s, except that the shells
+file is a copy (the real /etc/shells is left alone), and resource enforcement is off (this story
+is about tickets; enforcement has its own tests). Accounts are named ``nmt4...`` and always
+removed.
 """
 
 from __future__ import annotations
@@ -47,11 +45,10 @@ from nodemanager.backends.delegate import (
 )
 from nodemanager.config import Config, parse_config
 from nodemanager.core.records import SOURCE_TICKET
-from nodemanager.daemon import NodeManager, Overrides
+from nodemanager.daemon import Node, build_node
 from nodemanager.host import Host
 from nodemanager.testing.accounts import purge_accounts
 from nodemanager.testing.sshd import PrivateSshd, make_client_key, sshd_available
-from nodemanager.tickets import ticket_redeemer_from_config
 
 pytestmark = [
     pytest.mark.root,
@@ -129,7 +126,7 @@ def forward_shell(home_root: Path) -> str:
 
 @dataclass
 class Story:
-    manager: NodeManager
+    manager: Node
     server: AuthorityServer
     sshd: PrivateSshd
     data: Path
@@ -176,7 +173,7 @@ def story(tmp_path: Path, home_root: Path) -> Iterator[Story]:
     write_data(data, base, age=100)
     server = AuthorityServer(data, "127.0.0.1", 0)
     server.start()
-    manager: NodeManager | None = None
+    manager: Node | None = None
     try:
         cert = export_certificate(data, tmp_path / "authority.pem")
         config = node_config(tmp_path, home_root, server.url, cert)
@@ -188,12 +185,9 @@ def story(tmp_path: Path, home_root: Path) -> Iterator[Story]:
             delegate_shell=wrapper_path_for(config.api.unix_socket), delegate_socket=config.api.unix_socket,
             forward_command=default_forward_command(s.delegate_shell), shells_file=shells,
         )
-        manager = NodeManager(config, Overrides(backend=backend))
-        manager.api.tickets = ticket_redeemer_from_config(
-            config, store=manager.store, operations=manager.operations, pool=manager.pool, clock=manager.clock
-        )
-        assert manager.api.tickets is not None
-        manager.start_api()
+        manager = build_node(config, backend=backend, enforcement=None)
+        assert manager.api.tickets is not None  # from authority.ticket_cert
+        manager.start()
         with PrivateSshd(use_pam=True) as sshd:
             yield Story(manager, server, sshd, data, key, tmp_path)
     finally:

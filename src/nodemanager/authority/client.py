@@ -31,7 +31,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 from ..core.errors import AuthorityUnavailable, ConfigError, DocumentRejected
-from ..core.records import AuthorityDocument
+from ..core.records import AuthorityDocument, parse_node_id
+from ..core.retry import backoff_delay
 from .auth import hmac_auth, session_auth
 from .parse import KIND_SLICES_XML, KIND_XMLRPC, MIB, document_kind, load_document
 
@@ -54,13 +55,6 @@ def next_poll_delay(poll_interval: float, poll_jitter: float, rng: Callable[[], 
     """Seconds until the next poll: the period plus 0..jitter, so a fleet restarted together
     spreads its polls."""
     return poll_interval + rng() * poll_jitter
-
-
-def backoff_delay(attempt: int, base: float, rng: Callable[[], float], cap: float = MAX_BACKOFF) -> float:
-    """Delay before retry number ``attempt + 1``: ``base * 2**attempt`` (capped), jittered into
-    its upper half so that retries of many nodes do not synchronise."""
-    ceiling = min(cap, base * (2**attempt))
-    return ceiling / 2 + rng() * ceiling / 2
 
 
 class AuthorityClient:
@@ -160,7 +154,7 @@ class AuthorityClient:
                 last = exc
                 if number == self.retries:
                     break
-                delay = backoff_delay(number, self.backoff_base, self._rng)
+                delay = backoff_delay(number + 1, self.backoff_base, MAX_BACKOFF, self._rng)
                 log.warning(
                     "authority fetch failed url=%s attempt=%d retry_in=%.1fs error=%s", self.url, number + 1, delay, exc
                 )
@@ -252,7 +246,7 @@ def _read_node_id(path: str, *, required: bool) -> int | None:
         if required:
             raise ConfigError("authority.node_id_file is not set but the authority URL needs a node id")
         return None
-    text = _read_secret(path, "authority.node_id_file")
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+    node_id = parse_node_id(_read_secret(path, "authority.node_id_file"))
+    if node_id is None:
         raise ConfigError(f"authority.node_id_file {path}: does not hold a node id (a positive integer)")
-    return int(text)
+    return node_id

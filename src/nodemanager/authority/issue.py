@@ -24,9 +24,9 @@ import hmac
 import logging
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lxml import etree
 
@@ -46,9 +46,6 @@ from .model import (
     sliver_attributes,
 )
 from .signing import SigningIdentity, identity_for, sign_document
-
-if TYPE_CHECKING:
-    from .server import AuthorityServer
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +148,17 @@ class TicketIssuer:
         return sign_document(element, identity)
 
 
-def get_slice_ticket(server: AuthorityServer, params: Sequence[Any]) -> str:
+class TicketContext(Protocol):
+    """What ``GetSliceTicket`` needs of the server that calls it (``AuthorityServer`` is one):
+    declared here so that this module does not import the server that imports it."""
+
+    tickets: TicketIssuer
+    clock: Callable[[], float]
+
+    def data(self) -> AuthorityData: ...
+
+
+def get_slice_ticket(server: TicketContext, params: Sequence[Any]) -> str:
     """GetSliceTicket(auth, slice_name): a signed ticket for a delegated slice (see module doc)."""
     if len(params) != 2:
         raise WrongArgumentCount("GetSliceTicket takes (auth, slice_name)")

@@ -59,7 +59,6 @@ __all__ = [
     "load_document",
     "loads_xmlrpc_call",
     "loads_xmlrpc_response",
-    "parse_getslivers",
     "parse_getslivers_with_protection",
     "parse_slices_xml",
     "parse_slivers_json",
@@ -313,13 +312,6 @@ def parse_getslivers_with_protection(
         rejected=tuple(rejected),
     )
     return document, frozenset(protected)
-
-
-def parse_getslivers(
-    data: Mapping[str, Any], *, expected_node_id: int | None, now: int | None = None
-) -> AuthorityDocument:
-    """:func:`parse_getslivers_with_protection` without the protected names."""
-    return parse_getslivers_with_protection(data, expected_node_id=expected_node_id, now=now)[0]
 
 
 # --------------------------------------------------------------------------- slices.xml / json

@@ -31,6 +31,8 @@ closed set of failures. Each class carries the XML-RPC fault code the API answer
 
 from __future__ import annotations
 
+from enum import Enum
+
 
 class NodeManagerError(Exception):
     """Base of every error the node manager raises on purpose."""
@@ -58,8 +60,35 @@ class InvalidLoans(InvalidArgument):
     pass
 
 
+class TicketReason(str, Enum):
+    """Why a ticket was rejected (the first words of the fault message, and a metrics label)."""
+
+    TOO_LARGE = "too large"
+    MALFORMED = "malformed"
+    SIGNATURE = "bad signature"
+    INVALID_NAME = "invalid slice name"
+    INVALID_CONTROLLER = "invalid controller name"
+    NOT_YET_VALID = "not yet valid"
+    EXPIRED = "expired"
+    WRONG_INSTANTIATION = "wrong instantiation"
+    WRONG_NODE = "wrong node"
+    NODE_UNKNOWN = "node id unknown"
+    WRONG_CALLER = "wrong caller"
+    REPLAY = "replay"
+    STALE = "stale"
+
+    @property
+    def label(self) -> str:
+        """The metrics label: ``bad-signature``, ``wrong-node``..."""
+        return self.value.replace(" ", "-")
+
+
 class TicketRejected(InvalidArgument):
-    pass
+    """A ticket failed verification; ``reason`` says which rule, the message says how."""
+
+    def __init__(self, reason: TicketReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
 
 
 class OperationFailed(NodeManagerError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+from .errors import IllegalTransition
 from .records import Phase
 
 
@@ -42,7 +43,8 @@ def _table(edges: Mapping[Phase, tuple[Phase, ...]]) -> _FrozenMapping:
 #: phase -> the phases it may move to (itself included).
 TRANSITIONS: Mapping[Phase, frozenset[Phase]] = _table(
     {
-        Phase.ABSENT: (Phase.STOPPED, Phase.RUNNING, Phase.FAILED),
+        # -> DESTROYING: an account whose creation was only intended (or cut short) is removed.
+        Phase.ABSENT: (Phase.STOPPED, Phase.RUNNING, Phase.FAILED, Phase.DESTROYING),
         # -> ABSENT: the account vanished behind our back (drift) and is about to be re-created.
         Phase.STOPPED: (Phase.RUNNING, Phase.FAILED, Phase.DESTROYING, Phase.ABSENT),
         Phase.RUNNING: (Phase.STOPPED, Phase.FAILED, Phase.DESTROYING, Phase.ABSENT),
@@ -60,8 +62,9 @@ def is_legal(current: Phase, new: Phase) -> bool:
 
 
 def transition(current: Phase, new: Phase) -> Phase:
-    """Return ``new`` if moving there from ``current`` is legal, else raise ``ValueError``."""
+    """Return ``new`` if moving there from ``current`` is legal, else raise
+    ``IllegalTransition``: that sliver's operation fails (and is retried), nothing else."""
     current, new = Phase(current), Phase(new)
     if not is_legal(current, new):
-        raise ValueError(f"illegal sliver phase transition {current.value} -> {new.value}")
+        raise IllegalTransition(f"illegal sliver phase transition {current.value} -> {new.value}")
     return new

@@ -30,6 +30,9 @@ REASON_UID_CHANGED = "account was replaced by someone else (uid changed)"
 REASON_CHANGED = "keys or attributes changed"
 REASON_RETRY = "retrying after failure"
 REASON_REMOVED = "removed by authority"
+REASON_INTERRUPTED = "finishing an interrupted destroy, then creating it again"
+REASON_UNSETTLED = "left in a transitional phase (interrupted operation)"
+REASON_ACCESS = "lock state or keys changed outside the node manager"
 
 
 class ActionKind(str, Enum):
@@ -90,11 +93,15 @@ def plan_actions(
       foreign account of that name is the worker's to report as a conflict;
     - wanted, owned, not observed -> CREATE "account disappeared (drift)", started again only if
       it was running;
+    - wanted, owned, phase DESTROYING (a destroy cut short by a crash) -> CREATE "finishing an
+      interrupted destroy" (the worker finishes the destroy, then creates afresh);
     - wanted, owned, observed with a uid other than the one we created -> CONFLICT;
-    - wanted, owned, observed, and the applied fingerprint differs or the phase is FAILED ->
-      CONFIGURE;
+    - wanted, owned, observed, and the phase is FAILED, or not settled (ABSENT: an interrupted
+      create), or the applied fingerprint differs, or the observed access signature (lock state,
+      keys) differs from the one recorded after the last apply -> CONFIGURE;
     - an owned account with no record -> DESTROY "removed by authority", only when
-      ``may_destroy_orphans``.
+      ``may_destroy_orphans`` -- except one already DESTROYING: that decision was taken on good
+      data, and finishing it needs no new document.
     Order: DESTROY, CONFLICT, CREATE, CONFIGURE, each by name.
     """
     actions: list[Action] = []
@@ -111,6 +118,10 @@ def plan_actions(
                 append(Action(ActionKind.DESTROY, name, record, REASON_NOT_INSTANTIATED))
             continue
         seen = observed.get(name)
+        if state is not None and state.owned and state.phase is Phase.DESTROYING:
+            append(Action(ActionKind.CREATE, name, record, REASON_INTERRUPTED,
+                          record.auto_instantiated and _enabled(record)))
+            continue
         if state is None or not state.owned or (seen is None and state.uid is None):
             # Never created yet (possibly only its intent was recorded before a crash).
             start = record.auto_instantiated and _enabled(record)
@@ -121,13 +132,17 @@ def plan_actions(
             append(Action(ActionKind.CREATE, name, record, REASON_DRIFT, running))
         elif state.uid is not None and seen.uid != state.uid:
             append(Action(ActionKind.CONFLICT, name, None, REASON_UID_CHANGED))
-        elif state.phase == Phase.FAILED:
+        elif state.phase is Phase.FAILED:
             append(Action(ActionKind.CONFIGURE, name, record, REASON_RETRY))
+        elif state.phase is Phase.ABSENT:
+            append(Action(ActionKind.CONFIGURE, name, record, REASON_UNSETTLED))
         elif state.applied != record.fingerprint():
             append(Action(ActionKind.CONFIGURE, name, record, REASON_CHANGED))
-    if may_destroy_orphans:
-        for name, state in accounts.items():
-            if state.owned and name not in records and not (honour_backoff and state.retry_at > now):
-                append(Action(ActionKind.DESTROY, name, None, REASON_REMOVED))
+        elif state.access and seen.access != state.access:
+            append(Action(ActionKind.CONFIGURE, name, record, REASON_ACCESS))
+    for name, state in accounts.items():
+        if (state.owned and name not in records and not (honour_backoff and state.retry_at > now)
+                and (may_destroy_orphans or state.phase is Phase.DESTROYING)):
+            append(Action(ActionKind.DESTROY, name, None, REASON_REMOVED))
     actions.sort(key=lambda action: (_KIND_ORDER[action.kind], action.name))
     return actions

@@ -48,6 +48,15 @@ def validate_name(name: object) -> str:
     return name
 
 
+def parse_node_id(text: str) -> int | None:
+    """The node id a node-id file holds (a positive decimal integer of at most 18 digits, with
+    surrounding white space), or None when it holds anything else."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) == 0:
+        return None
+    return int(text)
+
+
 def is_valid_name(name: object) -> bool:
     try:
         validate_name(name)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .authz import Caller
-from .errors import InvalidName, TicketRejected
+from .errors import InvalidName, TicketReason, TicketRejected
 from .records import DELEGATED, SOURCE_AUTHORITY, SOURCE_TICKET, Sliver, validate_name
 
 
@@ -69,42 +69,37 @@ def check_ticket(
     try:
         validate_name(ticket.slice_name)
     except InvalidName as exc:
-        raise TicketRejected(f"invalid slice name: {exc}") from None
+        raise TicketRejected(TicketReason.INVALID_NAME, f"{exc}") from None
     name = ticket.slice_name
     if ticket.issued > now + max_clock_skew:
-        raise TicketRejected(
-            f"not yet valid: ticket for {name} is issued at {ticket.issued}, more than "
+        raise TicketRejected(TicketReason.NOT_YET_VALID, f"ticket for {name} is issued at {ticket.issued}, more than "
             f"{max_clock_skew} s after this node's clock ({now})"
         )
     if now >= ticket.expires:
-        raise TicketRejected(f"expired: ticket for {name} expired at {ticket.expires} (now {now})")
+        raise TicketRejected(TicketReason.EXPIRED, f"ticket for {name} expired at {ticket.expires} (now {now})")
     if now >= ticket.slice_expires:
-        raise TicketRejected(f"expired: slice {name} expired at {ticket.slice_expires} (now {now})")
+        raise TicketRejected(TicketReason.EXPIRED, f"slice {name} expired at {ticket.slice_expires} (now {now})")
     if ticket.instantiation != DELEGATED:
-        raise TicketRejected(
-            f"wrong instantiation: slice {name} is {ticket.instantiation!r}; tickets grant only "
+        raise TicketRejected(TicketReason.WRONG_INSTANTIATION, f"slice {name} is {ticket.instantiation!r}; tickets grant only "
             f"{DELEGATED!r} slices"
         )
     if node_id not in ticket.node_ids:
         listed = ", ".join(str(n) for n in ticket.node_ids)
-        raise TicketRejected(f"wrong node: ticket for {name} is valid on node(s) {listed}, not on node {node_id}")
+        raise TicketRejected(TicketReason.WRONG_NODE, f"ticket for {name} is valid on node(s) {listed}, not on node {node_id}")
     try:
         validate_name(ticket.controller)
     except InvalidName as exc:
-        raise TicketRejected(f"invalid controller name: {exc}") from None
+        raise TicketRejected(TicketReason.INVALID_CONTROLLER, f"{exc}") from None
     if not caller.is_root and not (caller.is_controller and caller.sliver == ticket.controller):
-        raise TicketRejected(
-            f"wrong caller: ticket for {name} may be delivered by its controller "
+        raise TicketRejected(TicketReason.WRONG_CALLER, f"ticket for {name} may be delivered by its controller "
             f"{ticket.controller} or root, not by {caller.describe()}"
         )
     if last_issued is not None and ticket.issued <= last_issued:
-        raise TicketRejected(
-            f"replay: ticket for {name} issued at {ticket.issued} is not newer than the last "
+        raise TicketRejected(TicketReason.REPLAY, f"ticket for {name} issued at {ticket.issued} is not newer than the last "
             f"accepted ticket for that slice (issued at {last_issued})"
         )
     if existing is not None and existing.source == SOURCE_AUTHORITY and existing.timestamp > ticket.issued:
-        raise TicketRejected(
-            f"stale: ticket for {name} issued at {ticket.issued} is older than the authority data "
+        raise TicketRejected(TicketReason.STALE, f"ticket for {name} issued at {ticket.issued} is older than the authority data "
             f"this node holds for that slice (timestamp {existing.timestamp})"
         )
 
