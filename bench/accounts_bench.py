@@ -18,15 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from nodemanager.backends.account import AccountBackend
-from nodemanager.clock import SystemClock
-from nodemanager.host import Host
-from nodemanager.operations import SliverOperations
-from nodemanager.store import Store
-from nodemanager.sync import Syncer
+from nodemanager.config import parse_config
+from nodemanager.daemon import build_node
 from nodemanager.testing.accounts import purge_accounts
 from nodemanager.testing.fakeauthority import FakeAuthority, make_sliver
-from nodemanager.workers import WorkerPool
 
 COUNT = 100
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchKey{:032d} bench@example.org"
@@ -55,24 +50,28 @@ def baseline(home_root: Path, prefix: str) -> float:
 
 
 def nodemanager(home_root: Path, prefix: str, data: Path) -> float:
-    store = Store(data / "nm.sqlite")
-    backend = AccountBackend(Host(), home_root=home_root, shell="/bin/bash", name_prefix=prefix, stop_grace=1)
-    pool = WorkerPool(4)
+    """One sync cycle creating COUNT slivers, through the node as the daemon builds it (account
+    backend; resource enforcement off: this measures accounts, not cgroups or disk images)."""
+    config = parse_config({
+        "node": {"data_dir": str(data / "data"), "log_file": ""},
+        "api": {"tcp": "", "unix_socket": ""},
+        "metrics": {"listen": ""},
+        "slivers": {"home_root": str(home_root), "name_prefix": prefix, "stop_grace": 1,
+                    "keys_dir": str(home_root / "keys")},
+    })
     authority = FakeAuthority()
-    authority.publish([make_sliver(f"site_b{i}", keys=[KEY.format(i)]) for i in range(COUNT)])
-    clock = SystemClock()
-    syncer = Syncer(store=store, backend=backend, pool=pool, fetch=authority.fetch, clock=clock,
-                    operations=SliverOperations(store, backend, clock))
+    authority.publish([make_sliver(f"site_b{i}", keys=[KEY.format(i)], slice_id=i + 1) for i in range(COUNT)])
+    node = build_node(config, fetch=authority.fetch, tickets=None, enforcement=None)
+    node.start(serve=False)
     try:
         start = time.perf_counter()
-        outcome = syncer.run_once(wait=True)
+        outcome = node.sync_once(wait=True)
         elapsed = time.perf_counter() - start
-        created = sum(1 for s in store.accounts().values() if s.owned and s.uid is not None)
+        created = sum(1 for s in node.store.accounts().values() if s.owned and s.uid is not None)
         assert created == COUNT, f"{created} of {COUNT} created: {outcome.summary()}"
         return elapsed
     finally:
-        pool.shutdown()
-        store.close()
+        node.close()
         remove_users(prefix)
 
 

@@ -17,6 +17,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
     failed = 0
     runs = [[str(HERE / "sync_bench.py"), "--sizes", str(n)] for n in (100, 1000, 10000)]
+    runs.append([str(HERE / "restart_bench.py"), "--sizes", "10000"])
     runs.append([str(HERE / "parse_bench.py")])
     runs.append([str(HERE / "api_bench.py")])
     if os.geteuid() == 0:

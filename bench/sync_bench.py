@@ -30,11 +30,8 @@ from pathlib import Path
 
 from nodemanager.authority.parse import loads_xmlrpc_response, parse_getslivers_with_protection
 from nodemanager.backends.hollow import HollowBackend
-from nodemanager.clock import SystemClock
-from nodemanager.operations import SliverOperations
-from nodemanager.store import Store
-from nodemanager.sync import Syncer
-from nodemanager.workers import WorkerPool
+from nodemanager.config import parse_config
+from nodemanager.daemon import Node, build_node
 
 #: Backend calls that change the machine; observe/lookup only read.
 MUTATING = ("create", "configure", "start", "stop", "destroy")
@@ -63,6 +60,19 @@ def getslivers_body(n: int, timestamp: int, changed: int | None = None) -> bytes
     return xmlrpc.client.dumps(({**doc},), methodresponse=True).encode()
 
 
+def hollow_node(directory: Path, backend: HollowBackend, fetch: Callable[[], object]) -> Node:
+    """A started node (no API, no metrics) as the daemon builds it, hollow backend, over ``fetch``."""
+    config = parse_config({
+        "node": {"data_dir": str(directory / "data"), "log_file": ""},
+        "api": {"tcp": "", "unix_socket": ""},
+        "metrics": {"listen": ""},
+        "slivers": {"backend": "hollow", "workers": 4},
+    })
+    node = build_node(config, backend=backend, fetch=fetch, tickets=None)  # type: ignore[arg-type]
+    node.start(serve=False)
+    return node
+
+
 def timed(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -88,29 +98,25 @@ def run(n: int, repeat: int, emit: Callable[[str, float, str], None]) -> None:
         for _ in range(repeat):
             with tempfile.TemporaryDirectory() as tmp:
                 backend = HollowBackend()
-                store = Store(Path(tmp) / "nm.sqlite")
-                pool = WorkerPool(4)
                 current = {"body": bodies["full"]}
 
                 def fetch():  # noqa: ANN202
                     data = loads_xmlrpc_response(current["body"], 1 << 30)
                     return parse_getslivers_with_protection(data, expected_node_id=1)
 
-                syncer = Syncer(store=store, backend=backend, pool=pool, fetch=fetch, clock=SystemClock(),
-                                operations=SliverOperations(store, backend, SystemClock()))
+                node = hollow_node(Path(tmp), backend, fetch)
                 if kind != "full":
-                    syncer.run_once(wait=True)
+                    node.sync_once(wait=True)
                     current["body"] = bodies[kind]
                     backend.calls.clear()
                 gc.collect()
                 start = time.perf_counter()
-                outcome = syncer.run_once(wait=True)
+                outcome = node.sync_once(wait=True)
                 samples.append(time.perf_counter() - start)
                 peak_threads[0] = max(peak_threads[0], threading.active_count())
                 assert outcome.ok, outcome.summary()
                 calls = {k: v for k, v in backend.calls.items() if k in MUTATING and v}
-                pool.shutdown()
-                store.close()
+                node.close()
         return statistics.median(samples), calls
 
     full_s, full_calls = measure("full")
@@ -146,21 +152,17 @@ def daemon_footprint(bodies: dict[str, bytes]) -> tuple[float, int]:
 
 
 def footprint(directory: Path) -> None:
-    backend = HollowBackend()
-    store = Store(directory / "nm.sqlite")
-    pool = WorkerPool(4)
     current = {"kind": "full"}
 
     def fetch():  # noqa: ANN202
         body = (directory / current["kind"]).read_bytes()
         return parse_getslivers_with_protection(loads_xmlrpc_response(body, 1 << 30), expected_node_id=1)
 
-    syncer = Syncer(store=store, backend=backend, pool=pool, fetch=fetch, clock=SystemClock(),
-                    operations=SliverOperations(store, backend, SystemClock()))
+    node = hollow_node(directory, HollowBackend(), fetch)
     threads = 0
     for kind in ("full", "noop", "change"):
         current["kind"] = kind
-        assert syncer.run_once(wait=True).ok
+        assert node.sync_once(wait=True).ok
         threads = max(threads, threading.active_count())
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large parent
     # would report the parent's size.
@@ -178,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--footprint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    logging.disable(logging.WARNING)  # the hollow backend announces itself at every node built
     if args.footprint:
-        logging.disable(logging.WARNING)
         footprint(args.footprint)
         return 0
     for n in (int(x) for x in args.sizes.split(",")):

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from .api.methods import NodeManagerApi, TicketRedeemer, caller_resolver
@@ -110,18 +111,20 @@ def build_node(
     clock: Clock | None = None,
     tickets: TicketRedeemer | None | _Default = DEFAULT,
     enforcement: EnforcementSet | None | _Default = DEFAULT,
+    store: Store | None = None,
 ) -> Node:
     """Build the node described by ``config``, with any collaborator replaced.
 
     ``backend`` defaults to ``slivers.backend``'s (the account backend on ``host``, or the hollow
     one); ``enforcement`` to the enforcers ``[enforce]`` turns on (none for a hollow backend;
     ``None`` disables enforcement); ``fetch`` to the authority client of ``[authority]``;
-    ``tickets`` to the verifier of ``authority.ticket_cert`` (``None``: tickets refused).
-    Nothing is started or opened: see :meth:`Node.start`."""
+    ``tickets`` to the verifier of ``authority.ticket_cert`` (``None``: tickets refused);
+    ``store`` to an unopened store in ``node.data_dir`` (the crash simulation passes one that
+    can die at a commit). Nothing is started or opened: see :meth:`Node.start`."""
     clock = clock or SystemClock()
     host = host or Host()
     datadir = DataDir(config.data_dir)
-    store = Store(datadir.store_path, deferred=True)
+    store = store if store is not None else Store(datadir.store_path, deferred=True)
     cap = NodeCap(store)
     prefix = config.slivers.name_prefix
 
@@ -138,7 +141,8 @@ def build_node(
     metrics = NodeMetrics(store=store, queue_depth=pool.depth, backend=backend.kind)
     loop = None
     if enforcement is not None:
-        loop = EnforcementLoop(enforcement, store, home_of=lambda name: _home_of(config, name),
+        home_root = Path(config.slivers.home_root)
+        loop = EnforcementLoop(enforcement, store, home_of=lambda name: home_root / account_of(name),
                                node_cap_kbps=cap, account_of=account_of, on_error=metrics.enforcement_error)
     operations = SliverOperations(store, backend, clock, node_cap_kbps=cap,
                                   on_change=loop.poke if loop is not None else None,
@@ -164,12 +168,6 @@ def build_node(
     return Node(config=config, datadir=datadir, store=store, host=host, backend=backend, cap=cap,
                 enforcement=enforcement, enforcement_loop=loop, operations=operations, pool=pool,
                 syncer=syncer, api=api, api_server=server, metrics=metrics, clock=clock)
-
-
-def _home_of(config: Config, name: str) -> str:
-    from pathlib import Path
-
-    return str(Path(config.slivers.home_root) / (config.slivers.name_prefix + name))
 
 
 def _backend_from_config(config: Config, host: Host, hooks: EnforcementHooks | None) -> Backend:
