@@ -355,7 +355,7 @@ class Node:
                 outcome = self.sync_once(wait=False)
                 failures = 0 if outcome.result is not SyncResult.ERROR and outcome.ok else failures + 1
                 if failures:
-                    delay = min(float(a.poll_interval), backoff_delay(failures, FAILED_POLL_RETRY_S))
+                    delay = backoff_delay(failures, FAILED_POLL_RETRY_S, float(a.poll_interval), random.random)
                 else:
                     delay = next_poll_delay(a.poll_interval, a.poll_jitter, random.random)
                 self._sleep(delay)

@@ -116,6 +116,7 @@ class SliverOperations:
 
     def _fail(self, name: str, exc: BaseException) -> None:
         state = self._state(name)
+        transition(state.phase, Phase.FAILED)  # any phase may fail; recorded like every change
         failures = state.failures + 1
         retry_at = self.clock.now() + backoff_delay(failures, BACKOFF_BASE_S, BACKOFF_CAP_S, self.rng)
         message = str(exc) if isinstance(exc, NodeManagerError) else f"internal error: {type(exc).__name__}: {exc}"

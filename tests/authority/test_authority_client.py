@@ -243,7 +243,8 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
 def test_poll_and_backoff_delays() -> None:
     assert next_poll_delay(600, 300, lambda: 0.0) == 600
     assert next_poll_delay(600, 300, lambda: 0.999) == pytest.approx(899.7)
-    assert [backoff_delay(n, 1.0, rng=lambda: 0.5) for n in range(1, 5)] == [1.0, 2.0, 4.0, 8.0]
-    assert backoff_delay(4, 1.0, rng=lambda: 0.0) == 4.0
-    assert backoff_delay(31, 1.0, 300.0, rng=lambda: 0.5) == 300.0
-    assert backoff_delay(10_000, 1.0, rng=lambda: 0.5) > 0  # no overflow
+    inf = float("inf")
+    assert [backoff_delay(n, 1.0, inf, lambda: 0.5) for n in range(1, 5)] == [1.0, 2.0, 4.0, 8.0]
+    assert backoff_delay(4, 1.0, inf, lambda: 0.0) == 4.0
+    assert backoff_delay(31, 1.0, 300.0, lambda: 0.5) == 300.0
+    assert backoff_delay(10_000, 1.0, inf, lambda: 0.5) > 0  # no overflow

@@ -26,6 +26,7 @@ ALLOWED = frozenset(
         "math",
         "itertools",
         "functools",
+        "ipaddress",
     }
 )
 

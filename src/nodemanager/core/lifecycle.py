@@ -3,7 +3,11 @@
 Workers move a sliver's ``AccountState.phase`` only through :func:`transition`, so an impossible
 jump (say, a destroyed account becoming RUNNING without being created again) is a loud bug at the
 point it happens, not a puzzling state found later in the store (Supervisor's asserted process
-states).
+states) -- and, being ``IllegalTransition``, that sliver's failure, never the daemon's.
+
+The table is exactly what the crash simulation (``tests/crash``) reaches: every scenario crashed
+at every effect, restarted and converged; a test fails if a reachable change is missing here or
+a change here is never reached.
 """
 
 from __future__ import annotations
@@ -49,9 +53,9 @@ TRANSITIONS: Mapping[Phase, frozenset[Phase]] = _table(
         Phase.STOPPED: (Phase.RUNNING, Phase.FAILED, Phase.DESTROYING, Phase.ABSENT),
         Phase.RUNNING: (Phase.STOPPED, Phase.FAILED, Phase.DESTROYING, Phase.ABSENT),
         Phase.FAILED: (Phase.STOPPED, Phase.RUNNING, Phase.DESTROYING, Phase.ABSENT),
-        # -> STOPPED: a destroy cut short (crash) of a sliver that is wanted again: the account
-        # is still there and is configured instead.
-        Phase.DESTROYING: (Phase.ABSENT, Phase.FAILED, Phase.STOPPED),
+        # A destroy cut short (crash) of a sliver that is wanted again is finished first
+        # (-> ABSENT), then the account is created afresh: never DESTROYING -> STOPPED.
+        Phase.DESTROYING: (Phase.ABSENT, Phase.FAILED),
     }
 )
 

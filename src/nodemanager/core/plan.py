@@ -57,7 +57,8 @@ class Action:
     """One thing a worker must do for one sliver.
 
     ``sliver`` is None for the DESTROY of an orphan account (no record left) and for CONFLICT
-    (the worker only reports it). ``start`` matters for CREATE only: start the sliver afterwards.
+    (the worker only reports it). ``start``: start the sliver afterwards (CREATE, and the
+    CONFIGURE that completes a creation a failure or a crash cut short).
     """
 
     kind: ActionKind
@@ -98,7 +99,9 @@ def plan_actions(
     - wanted, owned, observed with a uid other than the one we created -> CONFLICT;
     - wanted, owned, observed, and the phase is FAILED, or not settled (ABSENT: an interrupted
       create), or the applied fingerprint differs, or the observed access signature (lock state,
-      keys) differs from the one recorded after the last apply -> CONFIGURE;
+      keys) differs from the one recorded after the last apply -> CONFIGURE; a FAILED or
+      unsettled sliver that was never applied (its creation did not complete) is started
+      afterwards when auto-instantiated and enabled, as its creation would have;
     - an owned account with no record -> DESTROY "removed by authority", only when
       ``may_destroy_orphans`` -- except one already DESTROYING: that decision was taken on good
       data, and finishing it needs no new document.
@@ -132,10 +135,10 @@ def plan_actions(
             append(Action(ActionKind.CREATE, name, record, REASON_DRIFT, running))
         elif state.uid is not None and seen.uid != state.uid:
             append(Action(ActionKind.CONFLICT, name, None, REASON_UID_CHANGED))
-        elif state.phase is Phase.FAILED:
-            append(Action(ActionKind.CONFIGURE, name, record, REASON_RETRY))
-        elif state.phase is Phase.ABSENT:
-            append(Action(ActionKind.CONFIGURE, name, record, REASON_UNSETTLED))
+        elif state.phase is Phase.FAILED or state.phase is Phase.ABSENT:
+            start = not state.applied and record.auto_instantiated and _enabled(record)
+            reason = REASON_RETRY if state.phase is Phase.FAILED else REASON_UNSETTLED
+            append(Action(ActionKind.CONFIGURE, name, record, reason, start))
         elif state.applied != record.fingerprint():
             append(Action(ActionKind.CONFIGURE, name, record, REASON_CHANGED))
         elif state.access and seen.access != state.access:

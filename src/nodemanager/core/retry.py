@@ -8,14 +8,12 @@ together, so that they do not come back together.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
 
-def backoff_delay(
-    failures: int, base: float, cap: float = float("inf"), rng: Callable[[], float] = random.random
-) -> float:
+def backoff_delay(failures: int, base: float, cap: float, rng: Callable[[], float]) -> float:
     """Seconds to wait after ``failures`` failures in a row (1 for the first): ``base`` doubled
-    per further failure, at most ``cap``, then scaled by a random factor in [0.5, 1.5)."""
+    per further failure, at most ``cap``, then scaled by ``0.5 + rng()`` (``rng`` returns a
+    number in [0, 1): ``random.random``, or a fixed one in tests)."""
     exponent = min(max(0, failures - 1), 62)
     return min(cap, base * (2**exponent)) * (0.5 + rng())
