@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench fuzz venv clean
+.PHONY: demo test test-deps bench crash fuzz venv clean
 
 venv: $(STAMP)
 
@@ -18,11 +18,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m nodemanager.demo
 
-test: $(STAMP)
+# As root on Debian/Ubuntu, first installs the system packages the tests use (sshd, nft, ...);
+# elsewhere it says which are missing and those tests skip with the reason.
+test: test-deps $(STAMP)
 	$(PY) -m pytest -q
+
+test-deps:
+	@scripts/install-test-deps
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The crash simulation also runs in `make test` (every crash point of small scenarios); this is the
+# long profile: larger scenarios, several seeds, thousands of crash points (a few minutes).
+crash: $(STAMP)
+	$(PY) -m pytest -q -s tests/crash -p no:cacheprovider --crash-profile=long
 
 # The fuzz targets also run in `make test` with the short "ci" profile (seconds); this is the
 # long run: thousands of examples per target (a few minutes).

@@ -24,6 +24,11 @@ ROOT_REASON = "needs root (real accounts, processes, file ownership)"
 HOME_PARENT = Path("/var/tmp")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--crash-profile", choices=("short", "long"), default="short",
+                     help="crash simulation (tests/crash): short (make test) or long (make crash)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if IS_ROOT:
         return
