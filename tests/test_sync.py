@@ -15,9 +15,9 @@ import pytest
 from nodemanager.backends.hollow import HollowBackend
 from nodemanager.core.errors import AuthorityUnavailable, BackendError
 from nodemanager.core.records import DELEGATED, NOT_INSTANTIATED, SOURCE_TICKET, Phase
-from nodemanager.operations import SliverOperations
+from nodemanager import daemon
+from nodemanager.config import parse_config
 from nodemanager.store import Store
-from nodemanager.sync import Syncer
 from nodemanager.testing.clock import ManualClock
 from nodemanager.testing.fakeauthority import FakeAuthority, make_sliver
 from nodemanager.workers import WorkerPool
@@ -37,34 +37,47 @@ class FlakyBackend(HollowBackend):
 
 
 class Node:
-    """A node manager assembled from real parts, with a fake authority and a manual clock."""
+    """The node as the daemon builds it (``build_node``: hollow backend, no API), with a fake
+    authority, a manual clock, and a backend that outlives restarts (it is the machine)."""
 
     def __init__(self, data_dir: Path, *, confirm_after: int = 2) -> None:
         self.clock = ManualClock()
         self.authority = FakeAuthority()
         self.backend = FlakyBackend()
-        self.store = Store(data_dir / "nodemanager.sqlite")
-        self.ops = SliverOperations(self.store, self.backend, self.clock, rng=lambda: 0.5)
-        self.pool = WorkerPool(4)
-        self.syncer = self._syncer(confirm_after)
+        self.config = parse_config({
+            "node": {"data_dir": str(data_dir), "log_file": ""},
+            "api": {"tcp": "", "unix_socket": ""}, "metrics": {"listen": ""},
+            "slivers": {"backend": "hollow", "workers": 4}, "sync": {"confirm_after": confirm_after},
+        })
+        self.node = self._start()
 
-    def _syncer(self, confirm_after: int = 2) -> Syncer:
-        return Syncer(store=self.store, backend=self.backend, operations=self.ops, pool=self.pool,
-                      fetch=self.authority.fetch, clock=self.clock, confirm_after=confirm_after)
+    def _start(self) -> daemon.Node:
+        node = daemon.build_node(self.config, backend=self.backend, fetch=self.authority.fetch,
+                                 clock=self.clock, tickets=None)
+        node.start(serve=False)
+        return node
+
+    @property
+    def store(self) -> Store:
+        return self.node.store
+
+    @property
+    def pool(self) -> WorkerPool:
+        return self.node.pool
 
     def sync(self, **kwargs):  # noqa: ANN003, ANN201
-        return self.syncer.run_once(wait=True, **kwargs)
+        return self.node.sync_once(wait=True, **kwargs)
 
     def restart(self) -> None:
         """A new process: the deletion gate closes again; store and machine stay."""
-        self.syncer = self._syncer(self.syncer.confirm_after)
+        self.node.close()
+        self.node = self._start()
 
     def names(self) -> set[str]:
         return set(self.backend.observe())
 
     def close(self) -> None:
-        self.pool.shutdown()
-        self.store.close()
+        self.node.close()
 
 
 def mutating_calls(backend: HollowBackend) -> dict[str, int]:
