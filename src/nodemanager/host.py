@@ -94,6 +94,10 @@ def _passwd(entry: pwd.struct_passwd) -> PasswdEntry:
     return PasswdEntry(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_gecos, entry.pw_dir, entry.pw_shell)
 
 
+def _group(entry: grp.struct_group) -> GroupEntry:
+    return GroupEntry(entry.gr_name, entry.gr_gid, tuple(entry.gr_mem))
+
+
 class Host(LinkSafeFiles):
     """The real machine. Subclass or replace methods in tests; see ``FakeHost``. The file
     methods (``atomic_write``, ``read_file``, ``remove_tree``...) come from ``LinkSafeFiles``."""
@@ -127,6 +131,41 @@ class Host(LinkSafeFiles):
             raise BackendError(f"{args[0]} exited with status {result.returncode}: {tail or '(no stderr)'}")
         return result
 
+    def run_as(
+        self,
+        argv: Sequence[str],
+        *,
+        uid: int,
+        gid: int,
+        groups: Sequence[int] = (),
+        timeout: float = 60,
+        check: bool = True,
+    ) -> CommandResult[bytes]:
+        """Run ``argv`` like :meth:`run`, but as ``uid:gid`` with exactly ``groups`` as its
+        supplementary groups, in ``/``.
+
+        For work inside trees a sliver can write (copying its home into its disk image): a
+        program running with the sliver's own rights can only reach what the sliver could reach
+        anyway, whatever links it planted or swaps in meanwhile. Root (uid 0) is refused: use
+        :meth:`run`."""
+        if uid == 0:
+            raise BackendError(f"run_as refuses uid 0 for {argv[0] if argv else '?'}")
+        args = [str(a) for a in argv]
+        try:
+            result = subprocess.run(
+                args, capture_output=True, timeout=timeout, env=COMMAND_ENV, check=False, cwd="/",
+                user=uid, group=gid, extra_groups=list(groups), stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise BackendError(f"{args[0]} (as uid {uid}) timed out after {timeout:g}s") from exc
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BackendError(f"cannot run {args[0]} as uid {uid}: {exc}") from exc
+        if check and result.returncode != 0:
+            tail = result.stderr.decode("utf-8", "replace").strip()[-STDERR_TAIL:]
+            raise BackendError(f"{args[0]} (as uid {uid}) exited with status {result.returncode}: "
+                               f"{tail or '(no stderr)'}")
+        return result
+
     # --- account databases ----------------------------------------------------------------
     def getpwnam(self, name: str) -> PasswdEntry | None:
         try:
@@ -149,19 +188,34 @@ class Host(LinkSafeFiles):
             entry = grp.getgrnam(name)
         except KeyError:
             return None
-        return GroupEntry(entry.gr_name, entry.gr_gid, tuple(entry.gr_mem))
+        return _group(entry)
+
+    def getgrgid(self, gid: int) -> GroupEntry | None:
+        try:
+            return _group(grp.getgrgid(gid))
+        except KeyError:
+            return None
+
+    def all_groups(self) -> list[GroupEntry]:
+        """Every group with its listed members, in one pass over the group database."""
+        return [_group(entry) for entry in grp.getgrall()]
 
     def shadow_entry(self, name: str) -> ShadowEntry | None:
         """The shadow line of ``name`` (needs root), or None when there is none."""
+        return self.shadow_entries().get(name)
+
+    def shadow_entries(self) -> dict[str, ShadowEntry]:
+        """Every shadow line by account name, from one read of the shadow file (needs root)."""
         try:
             text = self.shadow_path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise BackendError(f"cannot read {self.shadow_path}: {_describe(exc)}") from exc
+        entries: dict[str, ShadowEntry] = {}
         for line in text.splitlines():
             fields = line.split(":")
-            if len(fields) >= 8 and fields[0] == name:
-                return ShadowEntry(name, fields[1], fields[7])
-        return None
+            if len(fields) >= 8 and fields[0] not in entries:
+                entries[fields[0]] = ShadowEntry(fields[0], fields[1], fields[7])
+        return entries
 
     # --- processes ------------------------------------------------------------------------
     def pids_of_uid(self, uid: int) -> list[int]:
@@ -205,9 +259,12 @@ class Host(LinkSafeFiles):
         env: Mapping[str, str],
         log_path: Path,
         cgroups: Sequence[Path] = (),
+        groups: Sequence[int] | None = None,
     ) -> None:
-        """Start ``argv`` as ``uid:gid`` (with that user's supplementary groups) in a new session,
-        in ``home``, stdin from /dev/null, stdout and stderr appended to ``log_path``.
+        """Start ``argv`` as ``uid:gid`` with exactly ``groups`` as supplementary groups (None:
+        ``gid`` alone) in a new session, in ``home``, stdin from /dev/null, stdout and stderr
+        appended to ``log_path``. The groups are the caller's decision, never what
+        ``/etc/group`` happens to list for the name (a stale entry must grant nothing).
 
         With ``cgroups`` (cgroup directories), the child joins each of them (writes ``0`` to its
         ``cgroup.procs``) while still root, before dropping privileges and before exec, so
@@ -219,8 +276,7 @@ class Host(LinkSafeFiles):
         setsid = next((p for p in _SETSID_CANDIDATES if os.access(p, os.X_OK)), None) or shutil.which("setsid")
         if setsid is None:
             raise BackendError("cannot start programs detached: util-linux setsid is not installed")
-        entry = self.getpwuid(uid)
-        groups = os.getgrouplist(entry.name, gid) if entry is not None else [gid]
+        groups = [gid] if groups is None else list(groups)
         try:
             log_fd = self._open_log(Path(log_path), uid, gid)
         except OSError as exc:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .core.errors import BackendError
+from .hostsweep import MOUNTS_FILE, parse_mounts, remove_owned_below
 
 #: Reads of sliver-controlled files stop here: a sliver must not make the daemon read gigabytes.
 READ_LIMIT = 1 << 20
@@ -39,9 +40,16 @@ class FileInfo:
 
     uid: int
     gid: int
-    mode: int  # permission bits only
+    mode: int  # permission bits (with setuid, setgid and sticky)
     kind: str  # "file", "dir", "symlink" or "other"
     size: int
+    inode: int = 0
+    mtime_ns: int = 0
+
+    @property
+    def stamp(self) -> tuple[int, int, int]:
+        """``(inode, size, mtime_ns)``: changes whenever the file is replaced or rewritten."""
+        return (self.inode, self.size, self.mtime_ns)
 
 
 def describe_oserror(exc: OSError) -> str:
@@ -57,6 +65,11 @@ def _kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "symlink"
     return "other"
+
+
+def _file_info(info: os.stat_result) -> FileInfo:
+    return FileInfo(info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode), _kind(info.st_mode), info.st_size,
+                    info.st_ino, info.st_mtime_ns)
 
 
 def _is_executable_file(entry: os.DirEntry[str]) -> bool:
@@ -206,7 +219,7 @@ class LinkSafeFiles:
                 info = os.stat(path.name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 return None
-        return FileInfo(info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode), _kind(info.st_mode), info.st_size)
+        return _file_info(info)
 
     def read_file(self, path: Path, *, limit: int = READ_LIMIT) -> bytes | None:
         """Content of the regular file ``path`` (at most ``limit`` bytes); None when it is missing
@@ -292,6 +305,62 @@ class LinkSafeFiles:
         """Names of the regular files in ``directory`` with an execute bit, sorted; links and
         subdirectories are ignored. A missing directory has none."""
         return self._scan_names(directory, _is_executable_file)
+
+    def file_stamps(self, directory: Path) -> dict[str, tuple[int, int, int]]:
+        """``name -> (inode, size, mtime_ns)`` of every regular file in ``directory``, from one
+        listing (links are not followed); a missing directory has none. Cheap change detection
+        for many files at once (the authoritative keys files)."""
+        directory = Path(directory)
+        try:
+            dfd = self._open_dir(directory)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise BackendError(f"cannot list {directory}: {describe_oserror(exc)}") from exc
+        try:
+            stamps: dict[str, tuple[int, int, int]] = {}
+            with os.scandir(dfd) as entries:
+                for entry in entries:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(info.st_mode):
+                        stamps[entry.name] = (info.st_ino, info.st_size, info.st_mtime_ns)
+            return stamps
+        except OSError as exc:
+            raise BackendError(f"cannot list {directory}: {describe_oserror(exc)}") from exc
+        finally:
+            os.close(dfd)
+
+    def mounts(self) -> list[tuple[str, str]]:
+        """``(mount point, filesystem type)`` of every mount of this namespace, in mount order."""
+        return parse_mounts(self.read_file(MOUNTS_FILE, limit=16 << 20) or b"")
+
+    def remove_owned(self, directory: Path, uid: int) -> tuple[int, int]:
+        """Remove every entry below ``directory`` owned by ``uid``; returns ``(removed, left)``.
+
+        For the leftovers of a removed account in shared (world-writable) directories. The walk
+        uses directory descriptors and never follows a link, never crosses into another
+        filesystem or another mount point (bind mounts of the same filesystem included), and
+        stops ``hostsweep.REMOVE_OWNED_DEPTH`` levels down (each level holds one descriptor). Directories
+        of others are searched; a directory of ``uid`` still holding entries of others after
+        its own are gone is left (counted in ``left``), as is anything the kernel refuses to
+        remove. A missing ``directory`` is success. Idempotent."""
+        directory = Path(directory)
+        mounts = frozenset(point for point, _ in self.mounts())
+        try:
+            top = self._open_dir(directory)
+        except FileNotFoundError:
+            return (0, 0)
+        except OSError as exc:
+            raise BackendError(f"cannot open {directory}: {describe_oserror(exc)}") from exc
+        try:
+            return remove_owned_below(top, str(directory), uid, os.fstat(top).st_dev, mounts)
+        except OSError as exc:
+            raise BackendError(f"cannot clean {directory}: {describe_oserror(exc)}") from exc
+        finally:
+            os.close(top)
 
     def _scan_names(self, directory: Path, keep: Callable[[os.DirEntry[str]], bool]) -> list[str]:
         """Sorted names of the entries of ``directory`` that ``keep`` accepts, listed through a

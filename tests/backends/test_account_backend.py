@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,13 @@ from nodemanager.host import PasswdEntry
 from nodemanager.testing.fakehost import FakeFile, FakeHost
 
 HOME_ROOT = Path("/srv/homes")
+KEYS_DIR = Path("/etc/nm-keys")
 KEYS = ("ssh-ed25519 AAAA one@x", "ssh-rsa BBBB two@x")
 
 
 def make_sliver(name: str = "pl_test", **changes: object) -> Sliver:
-    fields: dict[str, object] = dict(name=name, slice_id=7, instantiation=PLC_INSTANTIATED, expires=2**31 - 1,
+    slice_id = 7 if name == "pl_test" else 1000 + zlib.crc32(name.encode()) % 100000  # one slice per name
+    fields: dict[str, object] = dict(name=name, slice_id=slice_id, instantiation=PLC_INSTANTIATED, expires=2**31 - 1,
                                      timestamp=1, keys=KEYS)
     fields.update(changes)
     return Sliver(**fields)  # type: ignore[arg-type]
@@ -39,7 +42,8 @@ def host() -> FakeHost:
 
 @pytest.fixture
 def backend(host: FakeHost) -> AccountBackend:
-    return AccountBackend(host, home_root=HOME_ROOT, shell="/bin/bash", name_prefix="nm", stop_grace=5.0)
+    return AccountBackend(host, home_root=HOME_ROOT, shell="/bin/bash", name_prefix="nm", stop_grace=5.0,
+                          keys_dir=KEYS_DIR)
 
 
 @pytest.fixture
@@ -111,10 +115,22 @@ def test_create_refuses_a_home_of_another_account(backend: AccountBackend, host:
     assert host.commands_named("useradd") == []
 
 
-def test_create_reuses_a_leftover_home_of_a_vanished_account(backend: AccountBackend, host: FakeHost) -> None:
-    host.dirs[HOME_ROOT / "nmpl_test"] = (31337, 31337, 0o755)
+def test_create_reuses_a_leftover_home_of_this_slices_own_uid(backend: AccountBackend, host: FakeHost) -> None:
+    host.dirs[HOME_ROOT / "nmpl_test"] = (100007, 100007, 0o755)
     uid = backend.create(make_sliver())
-    assert host.dirs[HOME_ROOT / "nmpl_test"] == (uid, uid, 0o700)
+    assert uid == 100007 and host.dirs[HOME_ROOT / "nmpl_test"] == (uid, uid, 0o700)
+
+
+@pytest.mark.parametrize("owner", [0, 31337], ids=["root", "vanished-other-uid"])
+def test_a_home_made_before_its_account_is_never_adopted(backend: AccountBackend, host: FakeHost, owner: int) -> None:
+    host.dirs[HOME_ROOT / "nmpl_test"] = (owner, owner, 0o755)
+    host.add_file(HOME_ROOT / "nmpl_test" / "inside", b"x", uid=owner, gid=owner)
+    with pytest.raises(AccountConflict,
+                       match=r"sliver pl_test: home .* belongs to (account 'root'|uid 31337).*never adopted"):
+        backend.create(make_sliver())
+    assert host.commands_named("useradd") == []
+    assert host.dirs[HOME_ROOT / "nmpl_test"] == (owner, owner, 0o755)
+    assert host.files[HOME_ROOT / "nmpl_test" / "inside"].uid == owner
 
 
 def test_invalid_names_never_reach_a_command(backend: AccountBackend, host: FakeHost) -> None:
@@ -133,7 +149,7 @@ def test_observe_lists_prefixed_valid_names_with_marker(backend: AccountBackend,
     assert set(observed) == {"pl_test", "pl_foreign"}
     assert observed["pl_test"].managed_marker and observed["pl_test"].uid == created
     assert not observed["pl_foreign"].managed_marker
-    assert len(host.method_calls("all_users")) == 1 and len(host.calls) == 1
+    assert sorted(call[0] for call in host.calls) == ["all_users", "file_stamps", "shadow_entries"]
     assert backend.lookup("pl_test") == observed["pl_test"]
     assert backend.lookup("pl_none") is None
 
@@ -141,10 +157,11 @@ def test_observe_lists_prefixed_valid_names_with_marker(backend: AccountBackend,
 def test_configure_writes_keys_initscript_and_dirs(backend: AccountBackend, host: FakeHost, created: int) -> None:
     backend.configure(make_sliver(initscript="#!/bin/sh\necho hi\n"), {"nm_enabled": 1})
     home = HOME_ROOT / "nmpl_test"
-    keys = host.files[home / ".ssh" / "authorized_keys"]
+    keys = host.files[KEYS_DIR / "nmpl_test"]
     assert keys.data == b"ssh-ed25519 AAAA one@x\nssh-rsa BBBB two@x\n"
-    assert (keys.uid, keys.gid, keys.mode) == (created, created, 0o600)
-    assert host.dirs[home / ".ssh"] == (created, created, 0o700)
+    assert (keys.uid, keys.gid, keys.mode) == (0, 0, 0o644)
+    assert host.dirs[KEYS_DIR] == (0, 0, 0o755)
+    assert home / ".ssh" not in host.dirs and not [p for p in host.files if home / ".ssh" in p.parents]
     assert host.dirs[home / ".nodemanager" / "start.d"] == (created, created, 0o700)
     script = host.files[home / ".nodemanager" / "initscript"]
     assert (script.data, script.mode, script.uid) == (b"#!/bin/sh\necho hi\n", 0o700, created)
@@ -164,10 +181,10 @@ def test_configure_twice_writes_nothing_the_second_time(backend: AccountBackend,
 def test_configure_rewrites_keys_with_wrong_mode(backend: AccountBackend, host: FakeHost, created: int) -> None:
     sliver = make_sliver()
     backend.configure(sliver, {})
-    path = HOME_ROOT / "nmpl_test" / ".ssh" / "authorized_keys"
+    path = KEYS_DIR / "nmpl_test"
     host.files[path] = host.files[path].__class__(host.files[path].data, created, created, 0o666)
     backend.configure(sliver, {})
-    assert host.files[path].mode == 0o600
+    assert (host.files[path].mode, host.files[path].uid) == (0o644, 0)
 
 
 def test_configure_removes_the_initscript_when_empty(backend: AccountBackend, host: FakeHost, created: int) -> None:
@@ -180,7 +197,7 @@ def test_keys_with_line_breaks_are_dropped(backend: AccountBackend, host: FakeHo
                                            caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         backend.configure(make_sliver(keys=("ssh-rsa GOOD a@b", "ssh-rsa X\ncommand=\"sh\" ssh-rsa Y", "  ")), {})
-    data = host.files[HOME_ROOT / "nmpl_test" / ".ssh" / "authorized_keys"].data
+    data = host.files[KEYS_DIR / "nmpl_test"].data
     assert data == b"ssh-rsa GOOD a@b\n"
     assert "sliver=pl_test event=key-dropped" in caplog.text
 
@@ -188,7 +205,7 @@ def test_keys_with_line_breaks_are_dropped(backend: AccountBackend, host: FakeHo
 def test_disable_empties_keys_locks_and_stops(backend: AccountBackend, host: FakeHost, created: int) -> None:
     pid = host.add_process(created)
     backend.configure(make_sliver(), {"nm_enabled": 0})
-    assert host.files[HOME_ROOT / "nmpl_test" / ".ssh" / "authorized_keys"].data == b""
+    assert host.files[KEYS_DIR / "nmpl_test"].data == b""
     assert host.commands_named("usermod") == [["usermod", "--password", "!*", "--expiredate", "1", "nmpl_test"]]
     assert pid not in host.processes
     backend.configure(make_sliver(), {"nm_enabled": 0})
@@ -299,7 +316,7 @@ class LeakyUserdelHost(FakeHost):
 
 def test_destroy_removes_leftover_group_and_home() -> None:
     host = LeakyUserdelHost()
-    backend = AccountBackend(host, home_root=HOME_ROOT, shell="/bin/sh", name_prefix="nm")
+    backend = AccountBackend(host, home_root=HOME_ROOT, shell="/bin/sh", name_prefix="nm", keys_dir=KEYS_DIR)
     backend.create(make_sliver())
     backend.configure(make_sliver(), {})
     backend.destroy("pl_test")
@@ -375,7 +392,8 @@ def dhost() -> ShellAwareFakeHost:
 @pytest.fixture
 def dbackend(dhost: ShellAwareFakeHost) -> AccountBackend:
     return AccountBackend(dhost, home_root=HOME_ROOT, shell="/bin/bash", name_prefix="nm", delegate_shell=WRAPPER,
-                          delegate_socket="/run/nm-test/api.sock", forward_command=FORWARD, shells_file=SHELLS)
+                          delegate_socket="/run/nm-test/api.sock", forward_command=FORWARD, shells_file=SHELLS,
+                          keys_dir=KEYS_DIR)
 
 
 def controller(name: str = "pl_ctl", **changes: object) -> Sliver:
@@ -432,8 +450,9 @@ def test_controller_gets_wrapper_shell_hushlogin_and_restricted_keys(dbackend: A
     home = HOME_ROOT / "nmpl_ctl"
     hush = dhost.files[home / ".hushlogin"]
     assert (hush.data, hush.uid, hush.gid, hush.mode) == (b"", 0, 0, 0o644)
-    keys = dhost.files[home / ".ssh" / "authorized_keys"]
-    assert keys.data == b"restrict ssh-ed25519 AAAA one@x\nrestrict ssh-rsa BBBB two@x\n" and keys.uid == uid
+    keys = dhost.files[KEYS_DIR / "nmpl_ctl"]
+    assert keys.data == b"restrict ssh-ed25519 AAAA one@x\nrestrict ssh-rsa BBBB two@x\n" and keys.uid == 0
+    assert uid == 100000 + 1000 + zlib.crc32(b"pl_ctl") % 100000
     assert dhost.commands_named("usermod") == []  # the shell was right from the start
 
 
@@ -441,7 +460,7 @@ def test_key_options_are_kept_after_restrict(dbackend: AccountBackend, dhost: Sh
     sliver = controller(keys=('from="10.0.0.0/8" ssh-ed25519 AAAA opt@x',))
     dbackend.create(sliver)
     dbackend.configure(sliver, {})
-    data = dhost.files[HOME_ROOT / "nmpl_ctl" / ".ssh" / "authorized_keys"].data
+    data = dhost.files[KEYS_DIR / "nmpl_ctl"].data
     assert data == b'restrict,from="10.0.0.0/8" ssh-ed25519 AAAA opt@x\n'
 
 
@@ -467,7 +486,7 @@ def test_a_controller_that_stops_being_one_gets_the_ordinary_shell_back(dbackend
     assert dhost.users["nmpl_ctl"].shell == "/bin/bash"
     assert HOME_ROOT / "nmpl_ctl" / ".hushlogin" not in dhost.files
     assert str(WRAPPER) not in shells_of(dhost)
-    assert dhost.files[HOME_ROOT / "nmpl_ctl" / ".ssh" / "authorized_keys"].data.startswith(b"ssh-ed25519")
+    assert dhost.files[KEYS_DIR / "nmpl_ctl"].data.startswith(b"ssh-ed25519")
 
 
 def test_the_shell_is_unregistered_when_the_last_controller_goes(dbackend: AccountBackend,

@@ -1,7 +1,8 @@
 """Real accounts (root): homes, keys, link attacks, start/stop as the sliver user, destroy, conflicts.
 
 Every account made here is named ``nmtit_...``; the ``backend`` fixture kills their processes and
-removes them (with group and home) after each test, even when it fails. Scripts run by slivers are
+removes them (with group and home) after each test, even when it fails. The backend has a private
+keys directory, sliver group and uid base (``testing.accounts``). Scripts run by slivers are
 ``/bin/sh`` scripts: root's own python may not be executable by other users.
 """
 
@@ -14,6 +15,7 @@ import stat
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from nodemanager.backends.account import MANAGED_GECOS, AccountBackend
 from nodemanager.core.errors import AccountConflict, BackendError
 from nodemanager.core.records import PLC_INSTANTIATED, Sliver
 from nodemanager.host import Host
-from nodemanager.testing.accounts import purge_account
+from nodemanager.testing.accounts import private_keys_dir, purge_account, removed_group, uid_base_for_tests
 from nodemanager.testing.backend_contract import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real accounts")]
@@ -34,7 +36,9 @@ _names = itertools.count()
 
 
 def make_sliver(name: str, **changes: object) -> Sliver:
-    fields: dict[str, object] = dict(name=name, slice_id=3, instantiation=PLC_INSTANTIATED, expires=2**31 - 1,
+    """A sliver of its own slice (the slice id is derived from the name)."""
+    slice_id = zlib.crc32(name.encode()) % 10**6
+    fields: dict[str, object] = dict(name=name, slice_id=slice_id, instantiation=PLC_INSTANTIATED, expires=2**31 - 1,
                                      timestamp=1, keys=KEYS)
     fields.update(changes)
     return Sliver(**fields)  # type: ignore[arg-type]
@@ -54,9 +58,21 @@ def names() -> Iterator[list[str]]:
             _purge(entry.name)
 
 
+@pytest.fixture(scope="module")
+def keys_and_group() -> Iterator[tuple[Path, str]]:
+    with private_keys_dir() as keys_dir, removed_group(f"{PREFIX}it{os.getpid() % 100000}") as group:
+        yield keys_dir, group
+
+
 @pytest.fixture
-def backend(home_root: Path, names: list[str]) -> AccountBackend:
-    return AccountBackend(Host(), home_root=home_root, shell="/bin/sh", name_prefix=PREFIX, stop_grace=1.0)
+def backend(home_root: Path, names: list[str], keys_and_group: tuple[Path, str]) -> AccountBackend:
+    keys_dir, group = keys_and_group
+    return AccountBackend(Host(), home_root=home_root, shell="/bin/sh", name_prefix=PREFIX, stop_grace=1.0,
+                          uid_base=uid_base_for_tests(), keys_dir=keys_dir, group=group)
+
+
+def keys_of(backend: AccountBackend, sliver: Sliver) -> Path:
+    return backend.keys_dir / (PREFIX + sliver.name)
 
 
 @pytest.fixture
@@ -92,16 +108,17 @@ def test_create_makes_account_group_and_private_home(backend: AccountBackend, sl
 def test_keys_are_written_with_owner_and_modes_and_replaced_atomically(backend: AccountBackend, sliver: Sliver) -> None:
     uid = backend.create(sliver)
     backend.configure(sliver, {})
-    ssh = backend.home_of(sliver.name) / ".ssh"
-    keys = ssh / "authorized_keys"
+    keys = keys_of(backend, sliver)
     assert keys.read_text() == "".join(k + "\n" for k in KEYS)
-    assert (keys.stat().st_uid, stat.S_IMODE(keys.stat().st_mode)) == (uid, 0o600)
-    assert (ssh.stat().st_uid, stat.S_IMODE(ssh.stat().st_mode)) == (uid, 0o700)
+    assert (keys.stat().st_uid, stat.S_IMODE(keys.stat().st_mode)) == (0, 0o644)
+    assert (keys.parent.stat().st_uid, stat.S_IMODE(keys.parent.stat().st_mode)) == (0, 0o755)
+    assert not (backend.home_of(sliver.name) / ".ssh").exists()  # the home's ~/.ssh is the sliver's business
     with keys.open("rb") as held:  # a reader holding the old file sees the old content whole
         backend.configure(make_sliver(sliver.name, keys=KEYS[1:]), {})
         assert held.read() == "".join(k + "\n" for k in KEYS).encode()
     assert keys.read_text() == KEYS[1] + "\n"
-    assert sorted(p.name for p in ssh.iterdir()) == ["authorized_keys"]
+    assert sorted(p.name for p in keys.parent.iterdir()) == [PREFIX + sliver.name]
+    assert uid == backend.uid_base + sliver.slice_id
 
 
 def test_planted_links_are_not_followed(backend: AccountBackend, sliver: Sliver) -> None:
@@ -110,12 +127,11 @@ def test_planted_links_are_not_followed(backend: AccountBackend, sliver: Sliver)
     home = backend.home_of(sliver.name)
     passwd = Path("/etc/passwd")
     before = (_sha(passwd), passwd.stat().st_mode, passwd.stat().st_uid)
-    keys = home / ".ssh" / "authorized_keys"
-    keys.unlink()
-    keys.symlink_to(passwd)
-    os.lchown(keys, uid, uid)
-    backend.configure(make_sliver(sliver.name, keys=KEYS[:1]), {})
-    assert not keys.is_symlink() and keys.read_text() == KEYS[0] + "\n"
+    initscript = home / ".nodemanager" / "initscript"
+    initscript.symlink_to(passwd)
+    os.lchown(initscript, uid, uid)
+    backend.configure(make_sliver(sliver.name, initscript="#!/bin/sh\necho hi\n"), {})
+    assert not initscript.is_symlink() and initscript.read_text() == "#!/bin/sh\necho hi\n"
     log = home / ".nodemanager" / "start.log"
     log.symlink_to(passwd)
     os.lchown(log, uid, uid)
@@ -125,16 +141,17 @@ def test_planted_links_are_not_followed(backend: AccountBackend, sliver: Sliver)
     assert (_sha(passwd), passwd.stat().st_mode, passwd.stat().st_uid) == before
 
 
-def test_a_linked_ssh_directory_is_refused(backend: AccountBackend, sliver: Sliver, tmp_path: Path) -> None:
+def test_a_linked_directory_in_the_home_is_refused(backend: AccountBackend, sliver: Sliver, tmp_path: Path) -> None:
     uid = backend.create(sliver)
     backend.configure(sliver, {})
-    ssh = backend.home_of(sliver.name) / ".ssh"
-    subprocess.run(["rm", "-rf", str(ssh)], check=True)
-    ssh.symlink_to(tmp_path)
-    os.lchown(ssh, uid, uid)
+    nm_dir = backend.home_of(sliver.name) / ".nodemanager"
+    subprocess.run(["rm", "-rf", str(nm_dir)], check=True)
+    nm_dir.symlink_to(tmp_path)
+    os.lchown(nm_dir, uid, uid)
     with pytest.raises(BackendError, match=rf"sliver {sliver.name}: .*refusing to follow symbolic link"):
-        backend.configure(sliver, {})
+        backend.configure(make_sliver(sliver.name, initscript="echo x"), {})
     assert list(tmp_path.iterdir()) == []
+    assert keys_of(backend, sliver).read_text() == "".join(k + "\n" for k in KEYS)  # the keys step still ran
 
 
 def test_start_runs_scripts_as_the_sliver_detached(backend: AccountBackend, sliver: Sliver) -> None:
@@ -216,7 +233,7 @@ def test_disabled_sliver_is_locked_and_keyless_until_enabled(backend: AccountBac
     backend.create(sliver)
     backend.configure(sliver, {"nm_enabled": 0})
     account = PREFIX + sliver.name
-    keys = backend.home_of(sliver.name) / ".ssh" / "authorized_keys"
+    keys = keys_of(backend, sliver)
     assert keys.read_bytes() == b""
     shadow = _shadow(account)
     assert shadow[1].startswith("!") and shadow[7] == "1"
@@ -233,8 +250,8 @@ def test_a_vanished_account_is_created_again_with_its_home(backend: AccountBacke
     assert backend.lookup(sliver.name) is None
     uid = backend.create(sliver)
     backend.configure(sliver, {})
-    keys = backend.home_of(sliver.name) / ".ssh" / "authorized_keys"
-    assert backend.home_of(sliver.name).stat().st_uid == uid and keys.stat().st_uid == uid
+    keys = keys_of(backend, sliver)
+    assert backend.home_of(sliver.name).stat().st_uid == uid and keys.stat().st_uid == 0
     assert keys.read_text() == "".join(k + "\n" for k in KEYS)
 
 

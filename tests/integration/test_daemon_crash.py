@@ -7,6 +7,7 @@ runs, then lets a final ``sync --once`` converge and checks the machine against 
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -16,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from nodemanager.store import Store
-from nodemanager.testing.accounts import account_entries, purge_accounts
+from nodemanager.testing.accounts import account_entries, purge_accounts, removed_group, uid_base_for_tests
 from nodemanager.testing.daemonproc import (
     run_nodemanager,
     start_nodemanager,
     write_daemon_config,
-    write_slivers_document,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -31,7 +31,13 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKillTestKey{:030d} k@test"
 
 
 def write_doc(path: Path, names: list[str], timestamp: int) -> None:
-    write_slivers_document(path, names, timestamp, key_template=KEY, attributes={"nm_cpu_share": "2"})
+    """The document for ``names``; a slice keeps its id (its uid derives from it) in every version."""
+    slivers = [{"name": name, "slice_id": 1 + int(name.removeprefix("site_s")), "instantiation": "plc-instantiated",
+                "expires": int(time.time()) + 86400, "keys": [{"key_type": "ssh", "key": KEY.format(i)}],
+                "attributes": [{"tagname": "nm_cpu_share", "value": "2"}]} for i, name in enumerate(names)]
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps({"timestamp": timestamp, "node_id": 1, "slivers": slivers}))
+    temp.replace(path)
 
 
 @pytest.fixture
@@ -39,9 +45,11 @@ def node(tmp_path: Path, home_root: Path) -> Iterator[tuple[Path, Path, Path]]:
     purge_accounts(PREFIX + "site_")
     doc = tmp_path / "slivers.json"
     config = write_daemon_config(tmp_path, doc, slivers={
-        "home_root": str(home_root), "name_prefix": PREFIX, "workers": 4, "stop_grace": 1})
-    yield doc, config, tmp_path
-    purge_accounts(PREFIX + "site_")
+        "home_root": str(home_root), "name_prefix": PREFIX, "workers": 4, "stop_grace": 1,
+        "uid_base": uid_base_for_tests(), "keys_dir": str(tmp_path / "keys"), "group": PREFIX + "slivers"})
+    with removed_group(PREFIX + "slivers"):
+        yield doc, config, tmp_path
+        purge_accounts(PREFIX + "site_")
 
 
 def test_kill_minus_9_during_syncs_loses_and_duplicates_nothing(node: tuple[Path, Path, Path]) -> None:
@@ -83,8 +91,8 @@ def test_kill_minus_9_during_syncs_loses_and_duplicates_nothing(node: tuple[Path
         for name in current:
             account = accounts[PREFIX + name]
             assert states[name].uid == account.uid
-            keys = Path(account.home, ".ssh", "authorized_keys")
-            assert keys.stat().st_uid == account.uid
+            keys = tmp_path / "keys" / (PREFIX + name)
+            assert keys.stat().st_uid == 0
             assert keys.read_text().startswith("ssh-ed25519 ")
     finally:
         store.close()

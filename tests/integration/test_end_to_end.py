@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import pwd
+import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +25,12 @@ from nodemanager.cli import main
 from nodemanager.config import Config, parse_config
 from nodemanager.daemon import AlreadyRunning, Node, build_node
 from nodemanager.store import Store
-from nodemanager.testing.accounts import purge_accounts
+from nodemanager.testing.accounts import purge_accounts, uid_base_for_tests
 
 pytestmark = pytest.mark.root
 
 PREFIX = "nme"
+GROUP = PREFIX + "slivers"  # the sliver group of these nodes (removed with the accounts)
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMjWLHebuAEps9lj+CyuRVy+mJfSXdcmDLlw97+0NnDm alice@example.org"
 KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDvR4rkn4Jw4FN8KitX2uxIcB9cweEN2Muo86cwVggpI bob@example.org"
 
@@ -38,6 +41,7 @@ def ours() -> set[str]:
 
 def cleanup() -> None:
     purge_accounts(PREFIX)
+    subprocess.run(["groupdel", GROUP], capture_output=True, check=False)
 
 
 AUTHORITY_TOML = """
@@ -84,7 +88,8 @@ def node_config(tmp_path: Path, home_root: Path, url: str) -> Config:
                       "node_key_file": str(tmp_path / "node_key"), "timeout": 5},
         "api": {"tcp": "", "unix_socket": ""},
         "metrics": {"listen": ""},
-        "slivers": {"home_root": str(home_root), "name_prefix": PREFIX, "stop_grace": 1},
+        "slivers": {"home_root": str(home_root), "name_prefix": PREFIX, "stop_grace": 1,
+                    "uid_base": uid_base_for_tests(), "keys_dir": str(tmp_path / "keys"), "group": GROUP},
         # Enforcement has its own tests; these must not shape this machine's uplink.
         "enforce": {"cpu": False, "memory": False, "bandwidth": False, "disk": False},
     })
@@ -119,9 +124,9 @@ def test_daemon_against_bundled_authority_over_http(
         assert outcome.ok, outcome.summary()
         assert ours() == {PREFIX + "site_alpha", PREFIX + "site_beta", PREFIX + "site_gone"}
         alpha = pwd.getpwnam(PREFIX + "site_alpha")
-        keys = Path(alpha.pw_dir, ".ssh", "authorized_keys")
+        keys = Path(config.slivers.keys_dir, PREFIX + "site_alpha")
         assert keys.read_text() == KEY_A + "\n"
-        assert (keys.stat().st_mode & 0o777, keys.stat().st_uid) == (0o600, alpha.pw_uid)
+        assert (keys.stat().st_mode & 0o777, keys.stat().st_uid) == (0o644, 0)
         assert Path(alpha.pw_dir).stat().st_mode & 0o777 == 0o700
         assert manager.store.get_meta("bwcap_kbps") == "50000"
         started = Path(alpha.pw_dir, "started-uid")
@@ -166,7 +171,7 @@ def test_wrong_node_key_changes_nothing(
 
 
 def _sliver(name: object, **overrides: object) -> dict:
-    entry = {"name": name, "slice_id": 5, "instantiation": "plc-instantiated",
+    entry = {"name": name, "slice_id": zlib.crc32(str(name).encode()) % 10**6, "instantiation": "plc-instantiated",
              "expires": int(time.time()) + 86400, "keys": [{"key_type": "ssh", "key": KEY_A}],
              "attributes": [{"tagname": "nm_cpu_share", "value": "2"}]}
     entry.update(overrides)

@@ -22,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import xmlrpc.client
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from nodemanager.core.records import NM_CONTROLLER, PLC_INSTANTIATED, Sliver
 from nodemanager.host import Host
 from nodemanager.operations import SliverOperations
 from nodemanager.store import Store
-from nodemanager.testing.accounts import purge_account
+from nodemanager.testing.accounts import private_keys_dir, purge_account, removed_group, uid_base_for_tests
 from nodemanager.testing.clock import ManualClock
 from nodemanager.testing.sshd import PrivateSshd, make_client_key, sshd_available
 from nodemanager.workers import WorkerPool
@@ -57,7 +58,7 @@ _serial = itertools.count()
 
 
 def sliver(name: str, instantiation: str, keys: tuple[str, ...] = ()) -> Sliver:
-    return Sliver(name=name, slice_id=len(name), instantiation=instantiation, expires=2**31 - 1, timestamp=1,
+    return Sliver(name=name, slice_id=zlib.crc32(name.encode()) % 10**6, instantiation=instantiation, expires=2**31 - 1, timestamp=1,
                   keys=keys)
 
 
@@ -101,8 +102,15 @@ class Node:
         return state.uid
 
 
+@pytest.fixture(scope="module")
+def access() -> Iterator[tuple[Path, str]]:
+    """The node's keys directory and sliver group, private to this module (sshd reads them too)."""
+    with private_keys_dir() as keys_dir, removed_group(f"{PREFIX}ssh{os.getpid() % 100000}") as group:
+        yield keys_dir, group
+
+
 @pytest.fixture
-def node(home_root: Path, tmp_path: Path) -> Iterator[Node]:
+def node(home_root: Path, tmp_path: Path, access: tuple[Path, str]) -> Iterator[Node]:
     run_dir = home_root / "run"
     run_dir.mkdir(mode=0o755)
     socket_path, wrapper, shells = run_dir / "api.sock", run_dir / "delegate-shell", home_root / "shells"
@@ -112,6 +120,7 @@ def node(home_root: Path, tmp_path: Path) -> Iterator[Node]:
     controller, other = f"it_c{os.getpid() % 10000}x{n}", f"it_o{os.getpid() % 10000}x{n}"
     store = Store(tmp_path / "nm.db")
     backend = AccountBackend(Host(), home_root=home_root, shell="/bin/sh", name_prefix=PREFIX, stop_grace=1.0,
+                             uid_base=uid_base_for_tests(), keys_dir=access[0], group=access[1],
                              delegate_shell=wrapper, delegate_socket=str(socket_path),
                              forward_command=forward_command(home_root), shells_file=shells)
     ops = SliverOperations(store, backend, ManualClock())
@@ -135,8 +144,8 @@ def node(home_root: Path, tmp_path: Path) -> Iterator[Node]:
 
 
 @pytest.fixture(params=[True, False], ids=["UsePAM-yes", "UsePAM-no"])
-def sshd(request: pytest.FixtureRequest) -> Iterator[PrivateSshd]:
-    with PrivateSshd(use_pam=request.param) as server:
+def sshd(request: pytest.FixtureRequest, access: tuple[Path, str]) -> Iterator[PrivateSshd]:
+    with PrivateSshd(use_pam=request.param, keys_dir=access[0], sliver_group=access[1]) as server:
         yield server
 
 
@@ -154,7 +163,7 @@ def test_the_delegate_account_is_set_up(node: Node) -> None:
     assert str(node.wrapper) in node.shells.read_text().splitlines()
     hush = (node.home_root / node.account / ".hushlogin").stat()
     assert (hush.st_uid, hush.st_gid, stat.S_IMODE(hush.st_mode), hush.st_size) == (0, 0, 0o644, 0)
-    keys = (node.home_root / node.account / ".ssh" / "authorized_keys").read_text()
+    keys = (node.backend.keys_dir / node.account).read_text()
     assert keys.startswith("restrict ssh-ed25519 ")
 
 
@@ -247,7 +256,7 @@ def test_hushlogin_is_what_keeps_pam_motd_out_of_the_answer(node: Node) -> None:
     root-owned ~/.hushlogin suppresses it, and configure puts it back if it goes missing."""
     hush = node.home_root / node.account / ".hushlogin"
     request = xmlrpc.client.dumps((), "GetXIDs").encode()
-    with PrivateSshd(use_pam=True) as sshd:
+    with PrivateSshd(use_pam=True, keys_dir=node.backend.keys_dir, sliver_group=node.backend.group) as sshd:
         hush.unlink()
         polluted = ssh(sshd, node, stdin=request)
         record = node.store.sliver(node.controller)
@@ -261,7 +270,7 @@ def test_hushlogin_is_what_keeps_pam_motd_out_of_the_answer(node: Node) -> None:
 
 
 def test_delegate_keys_cannot_forward_ports(node: Node) -> None:
-    with PrivateSshd(use_pam=False) as sshd:
+    with PrivateSshd(use_pam=False, keys_dir=node.backend.keys_dir, sliver_group=node.backend.group) as sshd:
         argv = ["ssh", *sshd.ssh_options(node.key), "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
                 "-N", "-R", "0:127.0.0.1:9", f"{node.account}@127.0.0.1"]
         done = subprocess.run(argv, capture_output=True, timeout=60, check=False)

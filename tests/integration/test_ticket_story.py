@@ -47,7 +47,7 @@ from nodemanager.config import Config, parse_config
 from nodemanager.core.records import SOURCE_TICKET
 from nodemanager.daemon import Node, build_node
 from nodemanager.host import Host
-from nodemanager.testing.accounts import purge_accounts
+from nodemanager.testing.accounts import private_keys_dir, purge_accounts, uid_base_for_tests
 from nodemanager.testing.sshd import PrivateSshd, make_client_key, sshd_available
 
 pytestmark = [
@@ -99,6 +99,7 @@ def ours() -> set[str]:
 
 def purge() -> None:
     purge_accounts(PREFIX)
+    subprocess.run(["groupdel", PREFIX + "slivers"], capture_output=True, check=False)
 
 
 def write_data(path: Path, text: str, age: int) -> None:
@@ -147,7 +148,7 @@ class Story:
             return subprocess.run(argv, stdin=stdin, capture_output=True, timeout=60, check=False)
 
 
-def node_config(tmp_path: Path, home_root: Path, url: str, cert: Path) -> Config:
+def node_config(tmp_path: Path, home_root: Path, url: str, cert: Path, keys_dir: Path) -> Config:
     (tmp_path / "node_id").write_text(f"{NODE_ID}\n")
     (tmp_path / "node_key").write_text(f"{NODE_KEY}\n")
     run_dir = home_root / "run"  # root-owned 0755, outside /tmp: the delegate wrapper lives here
@@ -159,12 +160,20 @@ def node_config(tmp_path: Path, home_root: Path, url: str, cert: Path) -> Config
         "api": {"tcp": "", "unix_socket": str(run_dir / "api.sock")},
         "metrics": {"listen": ""},
         "slivers": {"home_root": str(home_root), "name_prefix": PREFIX, "stop_grace": 1, "shell": "/bin/sh",
-                    "delegate_shell": forward_shell(home_root)},
+                    "delegate_shell": forward_shell(home_root), "uid_base": uid_base_for_tests(),
+                    "keys_dir": str(keys_dir), "group": PREFIX + "slivers"},
     })
 
 
 @pytest.fixture
-def story(tmp_path: Path, home_root: Path) -> Iterator[Story]:
+def keys_dir() -> Iterator[Path]:
+    """sshd reads the node's keys here: a private root-owned directory StrictModes accepts."""
+    with private_keys_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def story(tmp_path: Path, home_root: Path, keys_dir: Path) -> Iterator[Story]:
     purge()
     key, public = make_client_key(tmp_path)
     data = tmp_path / "authority.toml"
@@ -176,7 +185,7 @@ def story(tmp_path: Path, home_root: Path) -> Iterator[Story]:
     manager: Node | None = None
     try:
         cert = export_certificate(data, tmp_path / "authority.pem")
-        config = node_config(tmp_path, home_root, server.url, cert)
+        config = node_config(tmp_path, home_root, server.url, cert, keys_dir)
         shells = home_root / "shells"
         shutil.copyfile("/etc/shells", shells)
         s = config.slivers
@@ -184,11 +193,12 @@ def story(tmp_path: Path, home_root: Path) -> Iterator[Story]:
             Host(), home_root=home_root, shell=s.shell, name_prefix=s.name_prefix, stop_grace=float(s.stop_grace),
             delegate_shell=wrapper_path_for(config.api.unix_socket), delegate_socket=config.api.unix_socket,
             forward_command=default_forward_command(s.delegate_shell), shells_file=shells,
+            uid_base=s.uid_base, keys_dir=Path(s.keys_dir), group=s.group,
         )
         manager = build_node(config, backend=backend, enforcement=None)
         assert manager.api.tickets is not None  # from authority.ticket_cert
         manager.start()
-        with PrivateSshd(use_pam=True) as sshd:
+        with PrivateSshd(use_pam=True, keys_dir=Path(s.keys_dir), sliver_group=s.group) as sshd:
             yield Story(manager, server, sshd, data, key, tmp_path)
     finally:
         if manager is not None:
@@ -227,7 +237,7 @@ def test_ticket_story(story: Story) -> None:
     api = story.api()
     assert api.Create(DELEGATED) == 1
     entry = pwd.getpwnam(delegated_account)
-    assert Path(entry.pw_dir, ".ssh", "authorized_keys").read_text() == DAVE + "\n"
+    assert Path(manager.config.slivers.keys_dir, delegated_account).read_text() == DAVE + "\n"
     assert manager.sync_once().ok  # the authority's older data neither replaces nor removes it
     record = manager.store.sliver(DELEGATED)
     assert record is not None and record.source == SOURCE_TICKET

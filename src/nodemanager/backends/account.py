@@ -1,48 +1,67 @@
 """The account backend (the default): one Linux account per sliver.
 
-A sliver ``NAME`` becomes the account ``name_prefix + NAME`` with its own group, the GECOS marker
-``nodemanager sliver``, the configured shell and the home ``home_root/ACCOUNT`` (mode 0700, owned by
-the account). Its uid is the sliver's XID. Accounts are made with shadow's ``useradd``/``userdel``/
-``usermod`` (they lock passwd, shadow and group correctly); every other effect goes through the
+A sliver ``NAME`` of slice ``slice_id`` becomes the account ``name_prefix + NAME`` with uid
+``slivers.uid_base + slice_id`` (:mod:`.uids`: the same on every node, never another slice's),
+its own group with the same number, membership in the sliver group and in no other group
+(:mod:`.shadow`), the GECOS marker ``nodemanager sliver``, the configured shell and the home
+``home_root/ACCOUNT`` (mode 0700, owned by the account). Accounts are made with shadow's
+``useradd``/``userdel``/``usermod``; every other effect goes through the
 :class:`~nodemanager.host.Host` seam, whose file operations refuse links planted by the sliver.
 
-Password field: ``*`` (no password, but key logins allowed: sshd with ``UsePAM no`` refuses key
-logins to ``!`` accounts, useradd's default). A disabled sliver (``nm_enabled = 0``) gets ``!*``
-and an expiry in 1970, which stops key logins under both ``UsePAM no`` and ``UsePAM yes``, an empty
-``authorized_keys``, and no processes.
+**Disabling and keys always win** (:mod:`.access`). ``configure`` first makes the lock state right
+(``*`` when enabled; ``!*`` and an expiry in 1970 when ``nm_enabled = 0``), then stops every process
+of a disabled sliver, then writes the authoritative keys (``keys_dir/ACCOUNT``, root-owned, empty
+when disabled), and only then touches the home (``.nodemanager/``, the initscript, a delegate's
+``.hushlogin``). Each of the first steps runs even when an earlier one failed, and a failure in the
+home still fails the operation (so it is retried) but cannot undo or prevent the others. The home's
+``~/.ssh`` is the sliver's own: sshd does not read it for sliver accounts (:mod:`.sshdconfig`).
+
+**Destroy** locks the account and removes its keys first (no new login while it goes), stops
+every process, removes what the uid owns outside its home (:mod:`.leftovers`: shared
+directories, SysV IPC, cron and at jobs), lets enforcement tear down its state, then runs
+``userdel --remove``.
+
+**Homes are never adopted**: a ``home_root/ACCOUNT`` that exists before ``create`` is refused
+(``AccountConflict``), unless it is owned by this very slice's uid -- the leftover of the slice's own
+earlier account (an account removed behind the node manager's back, or a crash between
+``userdel`` and the removal of the home), which holds nothing that was not the slice's already.
 
 Delegate accounts: with a delegate shell configured (:mod:`.delegate`), an ``nm-controller``
 sliver's login shell is the generated wrapper running ``forward_api_calls`` (set by ``create``,
 corrected by ``configure``; a sliver that stops being a controller gets ``shell`` back), its keys
-get the ``restrict`` option (no port forwarding, agent, X11, pty or ``~/.ssh/rc``: the account
-speaks XML-RPC and nothing else), and ``~/.hushlogin`` exists, owned by root, so PAM prints no
-message of the day into the XML-RPC answer. The shell is unregistered from ``/etc/shells`` when no
-passwd entry uses it any more. Without a delegate shell, controllers are ordinary accounts (a
-warning says so once).
+get the ``restrict`` option, and ``~/.hushlogin`` exists, owned by root, so PAM prints no message
+of the day into the XML-RPC answer. Without a delegate shell, controllers are ordinary accounts.
 
 Ownership: the backend never decides whether an account is the node manager's; the store does.
-``create`` refuses any existing account or group of that name (``AccountConflict``), so a
-pre-existing user is never adopted, and ``destroy`` is only called for accounts the store records
-as created by us. uid 0 is refused everywhere, whatever the store says.
+``create`` refuses any existing account or group of that name, and any other account or group
+holding the derived number (``AccountConflict``); ``destroy`` is only called for accounts the store
+records as created by us. uid 0 is refused everywhere, whatever the store says.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from ..core.errors import AccountConflict, BackendError
+from ..core.errors import BackendError
 from ..core.records import NM_CONTROLLER, ObservedAccount, Sliver, is_valid_name, validate_name
-from ..host import CommandResult, Host, PasswdEntry
+from ..host import Host, PasswdEntry
+from .access import DEFAULT_KEYS_DIR, OPEN_PASSWORD, KeyFiles, access_signature, keys_content
 from .delegate import SHELLS_FILE, DelegateShell, default_forward_command, wrapper_path_for
+from .hooks import AccountHooks as AccountHooks  # re-exported
+from .leftovers import remove_leftovers
+from .ownership import check_home_free, refuse_taken, remove_orphan_home
 from .processes import GRACE_POLL as GRACE_POLL  # re-exported: the stop timing lives in .processes
 from .processes import KILL_PAUSE as KILL_PAUSE
 from .processes import KILL_ROUNDS as KILL_ROUNDS
 from .processes import stop_processes
+from .shadow import DEFAULT_GROUP, AccountDatabase
+from .shadow import LOCK_RETRIES as LOCK_RETRIES  # re-exported
+from .sshdconfig import sshd_problems
+from .uids import DEFAULT_UID_BASE, sliver_uid
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -50,54 +69,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-#: Retries of a shadow command that found the password database locked by another program.
-LOCK_RETRIES = 8
-LOCK_RETRY_DELAY_S = 0.25
-
-
-class AccountHooks(Protocol):
-    """What resource enforcement does at points of an account's life (see ``enforcing``).
-
-    Called from worker threads (one call at a time per sliver)."""
-
-    def account_created(self, sliver: Sliver, uid: int) -> None:
-        """The account exists and nothing runs as ``uid`` yet: make the sliver's cgroups with its
-        limits now, so that the very first process of the uid (a login a millisecond later) is
-        placed into limits that already hold."""
-        ...
-
-    def home_created(self, sliver: Sliver, uid: int, gid: int, home: Path) -> None:
-        """The empty home exists; nothing is written in it yet (a disk image mounts here)."""
-        ...
-
-    def stop_processes(self, name: str, uid: int, grace: float) -> bool:
-        """End every process of the sliver: those in its cgroups and any process of ``uid``
-        outside them. TERM, up to ``grace`` seconds, then kill through the cgroup (freeze and
-        kill; ``cgroup.kill`` on v2), never by outrunning a fork loop. Returns False when cgroups
-        are not in use here (the backend then stops the uid's processes by pid itself); raises
-        ``BackendError`` when processes survive."""
-        ...
-
-    def start_cgroups(self, name: str) -> list[Path]:
-        """The cgroups that programs started for the sliver join (created if missing)."""
-        ...
-
-    def before_removal(self, name: str, uid: int) -> None:
-        """The sliver is stopped and its account about to go: remove its enforcement state."""
-        ...
-
 #: GECOS of every account this backend creates; ``observe`` reports it as ``managed_marker``.
 MANAGED_GECOS = "nodemanager sliver"
-OPEN_PASSWORD, OPEN_EXPIRE = "*", ""
-LOCKED_PASSWORD, LOCKED_EXPIRE = "!*", "1"
 #: PATH given to programs started for a sliver.
 SLIVER_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: userdel exit statuses that still mean "the account is gone".
 _USERDEL_GONE = {0: "removed", 6: "already absent", 12: "removed, home left behind"}
 _USERDEL_BUSY = 8
 HUSHLOGIN = ".hushlogin"
-#: Key types an ``authorized_keys`` line may start with (otherwise it starts with options).
-_KEY_TYPE_PREFIXES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
 
 
 class AccountBackend:
@@ -111,24 +90,29 @@ class AccountBackend:
         shell: str,
         name_prefix: str = "",
         stop_grace: float = 10.0,
+        uid_base: int = DEFAULT_UID_BASE,
+        keys_dir: Path = DEFAULT_KEYS_DIR,
+        group: str = DEFAULT_GROUP,
         delegate_shell: Path | None = None,
         delegate_socket: str | None = None,
         forward_command: Sequence[str] | None = None,
         shells_file: Path = SHELLS_FILE,
         hooks: AccountHooks | None = None,
     ) -> None:
-        """``delegate_shell`` is where the wrapper for ``nm-controller`` accounts goes (None: no
-        delegate accounts); ``delegate_socket`` the API socket it forwards to (default: ``api.sock``
-        beside the wrapper); ``forward_command`` the forward_api_calls argv (default:
-        :func:`~.delegate.default_forward_command`)."""
+        """``uid_base``: a sliver's uid is ``uid_base + slice_id``. ``keys_dir``: the root-owned
+        directory of the authoritative keys files; ``group``: the sliver group (both must match
+        sshd's ``Match Group`` block). ``delegate_shell`` is where the wrapper for
+        ``nm-controller`` accounts goes (None: no delegate accounts); ``delegate_socket`` the API
+        socket it forwards to (default: ``api.sock`` beside the wrapper); ``forward_command`` the
+        forward_api_calls argv (default: :func:`~.delegate.default_forward_command`)."""
         self.host = host
         self.home_root = Path(home_root)
         self.shell = shell
         self.name_prefix = name_prefix
         self.stop_grace = float(stop_grace)
-        # The shadow tools serialise on the passwd lock with a timeout ("cannot lock /etc/passwd;
-        # try again later"); queueing here keeps a burst of workers clear of that timeout.
-        self._database_lock = threading.Lock()
+        self.uid_base = uid_base
+        self.keys = KeyFiles(host, Path(keys_dir))
+        self.db = AccountDatabase(host, group)
         self.delegate_shell = Path(delegate_shell) if delegate_shell is not None else None
         self.delegate: DelegateShell | None = None
         if self.delegate_shell is not None:
@@ -139,18 +123,20 @@ class AccountBackend:
                 shells_file=shells_file,
             )
         self._warned_no_delegate = False
-        #: Resource enforcement's part in an account's life (disk image before the keys are
-        #: written, cgroups to start in, teardown before userdel); None: no enforcement.
+        #: Resource enforcement's part in an account's life (cgroups at creation, disk image
+        #: before anything is written in the home, stopping through cgroups, teardown before
+        #: userdel); None: no enforcement.
         self.hooks = hooks
 
     @classmethod
-    def from_config(cls, config: Config, host: Host) -> AccountBackend:
+    def from_config(cls, config: Config, host: Host, *, hooks: AccountHooks | None = None) -> AccountBackend:
         """Delegate accounts need the Unix socket: without ``api.unix_socket`` there are none."""
         s = config.slivers
         socket = config.api.unix_socket
         return cls(host, home_root=Path(s.home_root), shell=s.shell, name_prefix=s.name_prefix,
-                   stop_grace=float(s.stop_grace), delegate_shell=wrapper_path_for(socket),
-                   delegate_socket=socket or None, forward_command=default_forward_command(s.delegate_shell))
+                   stop_grace=float(s.stop_grace), uid_base=s.uid_base, keys_dir=Path(s.keys_dir), group=s.group,
+                   delegate_shell=wrapper_path_for(socket), delegate_socket=socket or None,
+                   forward_command=default_forward_command(s.delegate_shell), hooks=hooks)
 
     # --- naming ---------------------------------------------------------------------------
     def account_name(self, name: str) -> str:
@@ -160,15 +146,38 @@ class AccountBackend:
     def home_of(self, name: str) -> Path:
         return self.home_root / self.account_name(name)
 
+    @property
+    def keys_dir(self) -> Path:
+        return self.keys.directory
+
+    @property
+    def group(self) -> str:
+        return self.db.group
+
+    def sshd_problems(self, config: Path | None = None) -> list[str]:
+        """Why sshd would not read the authoritative keys of this node's sliver accounts (see
+        :func:`.sshdconfig.sshd_problems`), asked for one existing member of the sliver group;
+        empty when sshd is set up, or when no sliver account exists yet to ask about."""
+        group = self.host.getgrnam(self.group)
+        members = sorted(m for m in (group.members if group is not None else ()) if m.startswith(self.name_prefix))
+        if not members:
+            return []
+        return sshd_problems(self.host, members[0], self.keys_dir, config=config)
+
     # --- Backend protocol -----------------------------------------------------------------
     def observe(self) -> dict[str, ObservedAccount]:
-        """Accounts named prefix + a valid sliver name, from one pass over the password database."""
+        """Accounts named prefix + a valid sliver name with their access signatures, from one
+        pass over the password database, one read of the shadow file and one listing of the
+        keys directory."""
+        shadow = self.host.shadow_entries()
+        stamps = self.keys.stamps()
         found: dict[str, ObservedAccount] = {}
         cut = len(self.name_prefix)
         for entry in self.host.all_users():
             if entry.name.startswith(self.name_prefix) and is_valid_name(entry.name[cut:]):
                 name = entry.name[cut:]
-                found[name] = ObservedAccount(name, entry.uid, entry.gecos == MANAGED_GECOS)
+                access = access_signature(shadow.get(entry.name), stamps.get(entry.name))
+                found[name] = ObservedAccount(name, entry.uid, entry.gecos == MANAGED_GECOS, access)
         return found
 
     def lookup(self, name: str) -> ObservedAccount | None:
@@ -177,71 +186,74 @@ class AccountBackend:
         entry = self.host.getpwnam(self.name_prefix + name)
         if entry is None:
             return None
-        return ObservedAccount(name, entry.uid, entry.gecos == MANAGED_GECOS)
+        return ObservedAccount(name, entry.uid, entry.gecos == MANAGED_GECOS, self._access(entry.name))
 
     def create(self, sliver: Sliver) -> int:
         name = sliver.name
         account = self.account_name(name)
         home = self.home_of(name)
         with _failures(name, "create"):
-            if self.host.getpwnam(account) is not None:
-                raise AccountConflict(
-                    f"sliver {name}: account {account!r} already exists and was not created by the "
-                    "node manager; it is left untouched"
-                )
-            if self.host.getgrnam(account) is not None:
-                raise AccountConflict(
-                    f"sliver {name}: group {account!r} already exists and was not created by the "
-                    "node manager; it is left untouched"
-                )
-            home_existed = self._check_home_free(name, home)
+            uid = sliver_uid(name, sliver.slice_id, self.uid_base)
+            refuse_taken(self.host, name, account, uid, sliver.slice_id)
+            home_existed = check_home_free(self.host, name, home, uid)
+            self.db.sliver_group()
             shell = self._login_shell(sliver)
             if self.delegate is not None and shell == str(self.delegate.path):
                 self.delegate.install(self.host)
             try:
-                self._account_command([
-                    "useradd", "--user-group", "--no-create-home", "--home-dir", str(home),
-                    "--comment", MANAGED_GECOS, "--shell", shell, "--password", OPEN_PASSWORD,
-                    "--key", "SUB_UID_COUNT=0", "--key", "SUB_GID_COUNT=0", account,
+                self.db.command([
+                    "useradd", "--uid", str(uid), "--user-group", "--groups", self.group, "--no-create-home",
+                    "--no-log-init",
+                    "--home-dir", str(home), "--comment", MANAGED_GECOS, "--shell", shell,
+                    "--password", OPEN_PASSWORD, "--key", "SUB_UID_COUNT=0", "--key", "SUB_GID_COUNT=0",
+                    account,
                 ])
                 entry = self.host.getpwnam(account)
                 if entry is None:
                     raise BackendError(f"useradd succeeded but account {account!r} does not exist")
                 self._refuse_root(name, entry)
+                if entry.uid != uid:
+                    raise BackendError(f"useradd gave account {account!r} uid {entry.uid}, not {uid}")
+                if self.hooks is not None:
+                    self.hooks.account_created(sliver, uid)
+                self.db.ensure_memberships(name, account)
                 self.host.makedirs_owned(home, entry.uid, entry.gid, 0o700)
                 if self.hooks is not None:
                     self.hooks.home_created(sliver, entry.uid, entry.gid, home)
             except BackendError:
-                self._undo_create(name, account, home, home_existed)
+                self._undo_create(name, account, uid, home, home_existed)
                 raise
-        logger.info("sliver=%s event=created account=%s uid=%d", name, account, entry.uid)
+        logger.info("sliver=%s event=created account=%s uid=%d gid=%d", name, account, entry.uid, entry.gid)
         return entry.uid
 
-    def configure(self, sliver: Sliver, rspec: Mapping[str, int]) -> None:
+    def configure(self, sliver: Sliver, rspec: Mapping[str, int]) -> str:
+        """Lock state, stop (when disabled), keys, login shell -- each attempted whatever the
+        others did -- then the home. Returns the access signature."""
         name = sliver.name
         enabled = rspec.get("nm_enabled", 1) != 0
         with _failures(name, "configure"):
             entry = self._entry(name)
-            home = self.home_of(name)
-            uid, gid = entry.uid, entry.gid
-            self.host.makedirs_owned(home, uid, gid, 0o700)
-            self.host.makedirs_owned(home / ".ssh", uid, gid, 0o700)
             delegated = self._is_delegate(sliver)
-            keys = _keys_content(name, sliver.keys, restrict=delegated) if enabled else b""
-            wrote = self._ensure_file(home / ".ssh" / "authorized_keys", keys, uid, gid, 0o600)
-            nm_dir = home / ".nodemanager"
-            self.host.makedirs_owned(nm_dir / "start.d", uid, gid, 0o700)
-            self.host.makedirs_owned(nm_dir, uid, gid, 0o700)
-            if sliver.initscript:
-                wrote |= self._ensure_file(nm_dir / "initscript", sliver.initscript.encode(), uid, gid, 0o700)
-            else:
-                self.host.remove_file(nm_dir / "initscript")
-            self._ensure_enabled(name, entry.name, enabled)
-            self._ensure_login_shell(sliver, entry, delegated)
+            keys = keys_content(name, sliver.keys, restrict=delegated) if enabled else b""
+            steps: list[Callable[[], object]] = [
+                lambda: self.db.ensure_lock_state(name, entry.name, enabled),
+                lambda: self.db.ensure_memberships(name, entry.name),
+            ]
             if not enabled:
-                self._stop(name, uid)
-        logger.info("sliver=%s event=configured enabled=%d keys=%d wrote=%d",
-                    name, enabled, len(sliver.keys) if enabled else 0, wrote)
+                steps.append(lambda: self._stop(name, entry.uid))
+            steps += [lambda: self.keys.write(entry.name, keys), lambda: self._ensure_shell(sliver, entry, delegated)]
+            failures: list[BackendError] = []
+            for step in steps:
+                try:
+                    step()
+                except BackendError as exc:
+                    failures.append(exc)
+            if failures:
+                raise type(failures[0])("; ".join(str(f) for f in failures)) from failures[0]
+            self._configure_home(sliver, entry, delegated)
+            access = self._access(entry.name)
+        logger.info("sliver=%s event=configured enabled=%d keys=%d", name, enabled, len(sliver.keys) if enabled else 0)
+        return access
 
     def start(self, sliver: Sliver) -> None:
         """Run the initscript, then every executable in ``~/.nodemanager/start.d`` in name order.
@@ -268,10 +280,10 @@ class AccountBackend:
             env = {"HOME": str(home), "USER": entry.name, "LOGNAME": entry.name, "PATH": SLIVER_PATH,
                    "SHELL": self.shell}
             cgroups = self.hooks.start_cgroups(name) if self.hooks is not None and programs else []
+            groups = self.db.process_groups(entry) if programs else []
             for argv in programs:
                 self.host.spawn_detached(argv, uid=entry.uid, gid=entry.gid, home=home, env=env,
-                                         cgroups=cgroups,
-                                         log_path=nm_dir / "start.log")
+                                         cgroups=cgroups, groups=groups, log_path=nm_dir / "start.log")
         logger.info("sliver=%s event=started programs=%d", name, len(programs))
 
     def stop(self, name: str) -> None:
@@ -288,26 +300,30 @@ class AccountBackend:
         with _failures(name, "destroy"):
             entry = self.host.getpwnam(account)
             if entry is None:
-                self._remove_orphan_home(name, home)
+                self.keys.remove(account)
+                remove_orphan_home(self.host, name, home)
                 logger.info("sliver=%s event=destroyed account=%s note=already-absent", name, account)
                 return
             self._refuse_root(name, entry)
+            self.db.ensure_lock_state(name, account, False)
+            self.keys.remove(account)
             self._stop(name, entry.uid)
+            remove_leftovers(self.host, name, entry.uid)
             if self.hooks is not None:  # cgroups, classes, rules, the home's disk image
                 self.hooks.before_removal(name, entry.uid)
             # --remove only when the home is ours: an edited passwd entry must not aim it elsewhere.
             argv = ["userdel", "--remove", account] if entry.home == str(home) else ["userdel", account]
-            result = self._account_command(argv, check=False)
+            result = self.db.command(argv, check=False)
             if result.returncode == _USERDEL_BUSY:
                 self._stop(name, entry.uid)
-                result = self._account_command(argv, check=False)
+                result = self.db.command(argv, check=False)
             if result.returncode not in _USERDEL_GONE:
                 tail = result.stderr.decode("utf-8", "replace").strip()[-400:]
                 raise BackendError(f"userdel exited with status {result.returncode}: {tail or '(no stderr)'}")
-            self._remove_orphan_home(name, home)
+            remove_orphan_home(self.host, name, home)
             group = self.host.getgrnam(account)
             if group is not None and group.gid == entry.gid:
-                self._account_command(["groupdel", account])
+                self.db.command(["groupdel", account])
             if self.delegate is not None and entry.shell == str(self.delegate.path):
                 self.delegate.release_if_unused(self.host)
         logger.info("sliver=%s event=destroyed account=%s uid=%d", name, account, entry.uid)
@@ -339,43 +355,43 @@ class AccountBackend:
             return str(self.delegate.path)
         return self.shell
 
-    def _ensure_login_shell(self, sliver: Sliver, entry: PasswdEntry, delegated: bool) -> None:
-        """Delegate accounts: wrapper installed, login shell, root-owned ``~/.hushlogin``. An
-        account that was a delegate account and no longer is gets the ordinary shell back."""
-        name, home = sliver.name, self.home_of(sliver.name)
+    def _ensure_shell(self, sliver: Sliver, entry: PasswdEntry, delegated: bool) -> None:
+        """Delegate accounts: wrapper installed and login shell. An account that was a delegate
+        account and no longer is gets the ordinary shell back."""
         if delegated:
             assert self.delegate is not None
             self.delegate.install(self.host)
-            self._ensure_file(home / HUSHLOGIN, b"", 0, 0, 0o644)
             if entry.shell != str(self.delegate.path):
-                self._account_command(["usermod", "--shell", str(self.delegate.path), entry.name])
-                logger.info("sliver=%s event=login-shell shell=%s", name, self.delegate.path)
-            return
-        if self.delegate is not None and entry.shell == str(self.delegate.path):
-            self._account_command(["usermod", "--shell", self.shell, entry.name])
-            info = self.host.stat_file(home / HUSHLOGIN)
-            if info is not None and info.uid == 0:
-                self.host.remove_file(home / HUSHLOGIN)
-            logger.info("sliver=%s event=login-shell shell=%s", name, self.shell)
+                self.db.command(["usermod", "--shell", str(self.delegate.path), entry.name])
+                logger.info("sliver=%s event=login-shell shell=%s", sliver.name, self.delegate.path)
+        elif self.delegate is not None and entry.shell == str(self.delegate.path):
+            self.db.command(["usermod", "--shell", self.shell, entry.name])
+            logger.info("sliver=%s event=login-shell shell=%s", sliver.name, self.shell)
             self.delegate.release_if_unused(self.host)
 
     # --- parts ----------------------------------------------------------------------------
-    def _account_command(self, argv: list[str], *, check: bool = True) -> CommandResult[bytes]:
-        """Run a shadow command, one at a time per backend.
+    def _configure_home(self, sliver: Sliver, entry: PasswdEntry, delegated: bool) -> None:
+        """The part of ``configure`` inside the sliver's own tree: last, so that nothing the
+        sliver did there can keep the steps that decide access from running."""
+        home = self.home_of(sliver.name)
+        uid, gid = entry.uid, entry.gid
+        self.host.makedirs_owned(home, uid, gid, 0o700)
+        nm_dir = home / ".nodemanager"
+        self.host.makedirs_owned(nm_dir / "start.d", uid, gid, 0o700)
+        self.host.makedirs_owned(nm_dir, uid, gid, 0o700)
+        if sliver.initscript:
+            self._ensure_file(nm_dir / "initscript", sliver.initscript.encode(), uid, gid, 0o700)
+        else:
+            self.host.remove_file(nm_dir / "initscript")
+        if delegated:
+            self._ensure_file(home / HUSHLOGIN, b"", 0, 0, 0o644)
+        elif self.delegate is not None:
+            info = self.host.stat_file(home / HUSHLOGIN)
+            if info is not None and info.uid == 0:  # ours, from when it was a delegate account
+                self.host.remove_file(home / HUSHLOGIN)
 
-        Another program holding the password database's lock (an administrator's ``vipw``,
-        another tool's ``useradd``) makes the shadow tools fail at once with "cannot lock";
-        that is retried for a few seconds instead of failing the sliver."""
-        with self._database_lock:
-            for attempt in range(LOCK_RETRIES):
-                result = self.host.run(argv, check=False)
-                if result.returncode == 0 or b"cannot lock" not in result.stderr or attempt == LOCK_RETRIES - 1:
-                    break
-                self.host.sleep(LOCK_RETRY_DELAY_S * (attempt + 1))
-            if check and result.returncode != 0:
-                tail = result.stderr.decode("utf-8", "replace").strip()[-400:]
-                raise BackendError(f"{argv[0]} exited with status {result.returncode}: {tail or '(no stderr)'}")
-            return result
+    def _access(self, account: str) -> str:
+        return access_signature(self.host.shadow_entry(account), self.keys.stamp(account))
 
     def _entry(self, name: str) -> PasswdEntry:
         account = self.account_name(name)
@@ -390,47 +406,25 @@ class AccountBackend:
         if entry.uid == 0:
             raise BackendError(f"sliver {name}: account {entry.name!r} has uid 0; refusing to touch it")
 
-    def _check_home_free(self, name: str, home: Path) -> bool:
-        """True when ``home`` exists already and may be reused (a leftover of a vanished account,
-        the drift case); raises when it belongs to another live account or is not a directory."""
-        info = self.host.stat_file(home)
-        if info is None:
-            return False
-        if info.kind != "dir":
-            raise BackendError(f"home {home} exists and is not a directory")
-        owner = self.host.getpwuid(info.uid)
-        if owner is not None and info.uid != 0:
-            raise BackendError(f"home {home} exists and belongs to account {owner.name!r}")
-        logger.warning("sliver=%s event=home-reused home=%s old_uid=%d", name, home, info.uid)
-        return True
-
-    def _undo_create(self, name: str, account: str, home: Path, home_existed: bool) -> None:
+    def _undo_create(self, name: str, account: str, uid: int, home: Path, home_existed: bool) -> None:
         """Remove a half-made account after a failed create; errors here are logged, not raised,
         so the original failure is what the caller sees."""
         try:
             entry = self.host.getpwnam(account)
             if entry is not None and entry.uid != 0:
-                self._account_command(["userdel", account], check=False)
+                if self.hooks is not None:
+                    self.hooks.before_removal(name, entry.uid)
+                self.keys.remove(account)
+                self.db.command(["userdel", account], check=False)
             group = self.host.getgrnam(account)
             if group is not None and entry is not None and group.gid == entry.gid:
-                self._account_command(["groupdel", account], check=False)
+                self.db.command(["groupdel", account], check=False)
             if not home_existed:
                 self.host.remove_tree(home)
         except BackendError as exc:
             logger.error("sliver=%s event=create-undo-failed error=%r", name, str(exc))
         else:
-            logger.warning("sliver=%s event=create-undone account=%s", name, account)
-
-    def _remove_orphan_home(self, name: str, home: Path) -> None:
-        """Remove ``home`` unless another live account owns it."""
-        info = self.host.stat_file(home)
-        if info is None:
-            return
-        owner = self.host.getpwuid(info.uid)
-        if owner is not None:
-            logger.warning("sliver=%s event=home-kept home=%s owner=%s", name, home, owner.name)
-            return
-        self.host.remove_tree(home)
+            logger.warning("sliver=%s event=create-undone account=%s uid=%d", name, account, uid)
 
     def _ensure_file(self, path: Path, data: bytes, uid: int, gid: int, mode: int) -> bool:
         """Write ``path`` unless it already is a regular file with that content, owner and mode."""
@@ -441,38 +435,16 @@ class AccountBackend:
         self.host.atomic_write(path, data, uid=uid, gid=gid, mode=mode)
         return True
 
-    def _ensure_enabled(self, name: str, account: str, enabled: bool) -> None:
-        want = (OPEN_PASSWORD, OPEN_EXPIRE) if enabled else (LOCKED_PASSWORD, LOCKED_EXPIRE)
-        shadow = self.host.shadow_entry(account)
-        if shadow is not None and (shadow.password, shadow.expire) == want:
-            return
-        self._account_command(["usermod", "--password", want[0], "--expiredate", want[1], account])
-        logger.info("sliver=%s event=%s", name, "unlocked" if enabled else "locked")
-
     def _stop(self, name: str, uid: int) -> None:
-        """Stop every process of ``uid`` (see :func:`.processes.stop_processes`)."""
+        """Stop every process of the sliver: through enforcement's cgroups when it has them,
+        else by pid (:func:`.processes.stop_processes`)."""
+        if self.hooks is not None and self.hooks.stop_processes(name, uid, self.stop_grace):
+            logger.info("sliver=%s event=stopped uid=%d how=cgroup", name, uid)
+            return
         outcome = stop_processes(self.host, uid, self.stop_grace)
         if outcome is not None:
             logger.info("sliver=%s event=stopped uid=%d processes=%d kill_rounds=%d",
                         name, uid, outcome.termed, outcome.kill_rounds)
-
-
-def _keys_content(name: str, keys: Sequence[str], *, restrict: bool = False) -> bytes:
-    """``authorized_keys`` content: one key per line. A key spanning lines would smuggle extra
-    lines (options, other keys) into the file, so such keys are dropped and logged. With
-    ``restrict`` every key gets the ``restrict`` option first (delegate accounts)."""
-    lines = []
-    for key in keys:
-        key = key.strip()
-        if not key:
-            continue
-        if any(c in key for c in "\r\n\0"):
-            logger.warning("sliver=%s event=key-dropped reason=control-characters", name)
-            continue
-        if restrict:
-            key = f"restrict {key}" if key.startswith(_KEY_TYPE_PREFIXES) else f"restrict,{key}"
-        lines.append(key)
-    return "".join(line + "\n" for line in lines).encode()
 
 
 @contextmanager

@@ -5,7 +5,7 @@ that many simulated nodes fit on one machine for scale tests. It makes no OS cal
 no ``Host``. It says what it is: a warning at construction, and ``kind = "hollow"`` for ``status``.
 
 Each "account" is an in-memory entry with the uid a real node would give it (``uid_base`` + the
-slice id, as the account backend does) recording the keys, initscript and enabled flag last
+slice id, as the account backend does: :mod:`.uids`) recording the keys, initscript and enabled flag last
 configured and whether it was started. ``calls`` counts
 calls per method, so a benchmark can assert that unchanged slivers cost no backend call.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from ..core.errors import AccountConflict, BackendError
 from ..core.records import ObservedAccount, Sliver, validate_name
+from .uids import sliver_uid
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class HollowBackend:
             self.calls["create"] += 1
             if name in self._accounts:
                 raise AccountConflict(f"sliver {name}: account {name!r} already exists")
-            uid = self.uid_base + sliver.slice_id
+            uid = sliver_uid(name, sliver.slice_id, self.uid_base)
             holder = next((a.name for a in self._accounts.values() if a.uid == uid), None)
             if holder is not None:
                 raise AccountConflict(f"sliver {name}: uid {uid} (slice id {sliver.slice_id}) is taken by {holder}")

@@ -6,29 +6,42 @@ the sliver itself:
 * ``quota``: the filesystem under ``home_root`` is ext4 or xfs mounted with user quotas that are
   on -> ``setquota -u UID 0 HARD 0 0 MOUNT`` (hard block limit in KiB).
 * ``image``: anywhere else (this project's test machines: ext4 without QFMT_V2 support, btrfs),
-  one sparse ext4 image per sliver, ``<images_dir>/<name>.img``, loop-mounted ``nosuid,nodev`` on
-  the home; the filesystem's size is the limit. A larger quota grows it online (``truncate``,
-  ``losetup -c``, ``resize2fs``); a smaller one is NOT applied while mounted (shrinking needs an
-  unmount under the sliver's feet) and shows as a difference in ``status --resources``.
-  btrfs qgroups are not used: a nested subvolume escapes them (dependencies.md).
+  one sparse ext4 image per sliver, ``<images_dir>/<name>.img`` (root-owned, mode 0600),
+  loop-mounted ``nosuid,nodev`` on the home; the filesystem's size is the limit. A larger quota
+  grows it online (``truncate``, ``losetup -c``, ``resize2fs``); a smaller one is NOT applied
+  while mounted (shrinking needs an unmount under the sliver's feet) and shows as a difference in
+  ``status --resources``.
+  btrfs qgroups are not used: a nested subvolume escapes them (dependencies.md). Images are
+  sparse, so their sizes may add up to more than the images filesystem has free: ``apply``
+  reports that overcommit as a note.
+
+Root never works inside a tree the sliver can write. A home that already holds files when its
+image is first mounted (a quota given to an existing sliver, a home written while its image was
+not mounted) is carried over by ``cp -a`` running **as the sliver's uid**, into the image mounted
+at a staging point ``<home_root>/.nodemanager-staging-<name>`` (root's directory: no sliver can
+redirect the mount), and the old content is then deleted as the sliver's uid too. Whatever links
+the sliver planted or swaps in meanwhile, that copy reaches only what the sliver could read
+anyway, and copies links as links. What the sliver cannot read itself is not carried over.
 
 Cooperation with the account path (the lead wires it; the order matters):
 
 * create: ``useradd`` -> home directory -> :meth:`DiskEnforcer.prepare_home` (mounts the image,
-  copying anything already in the home into it) -> write keys and ``.nodemanager`` files.
+  carrying over anything already in the home, as above) -> ``.nodemanager`` files.
 * destroy: kill the sliver's processes (cgroups) -> :meth:`DiskEnforcer.release_home` (unmount,
   delete the image) -> ``userdel --remove``.
 * start-up: ``apply`` with every sliver's home re-mounts images (after a reboot) and grows them.
 
 ``apply`` never deletes an image or a quota of a sliver absent from its RSpecs: data goes only
-through ``release_home``/``remove``.
+through ``release_home``/``remove``, and through :meth:`DiskEnforcer.sweep`, which removes the
+images and staging mounts of accounts that no longer exist for the node manager.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from ..core.errors import BackendError
@@ -39,6 +52,9 @@ log = logging.getLogger(__name__)
 
 QUOTA_FILESYSTEMS = ("ext4", "xfs")
 QUOTA_OPTIONS = ("usrquota", "usrjquota", "uquota", "quota")
+IMAGE_MODE = 0o600
+STAGING_PREFIX = ".nodemanager-staging-"
+IMAGE_SUFFIX = ".img"
 
 
 class DiskEnforcer:
@@ -51,6 +67,8 @@ class DiskEnforcer:
         self._mechanism = None if mechanism == "auto" else mechanism
         self._quota_mount: str | None = None  # the quota filesystem's mount point
         self._names: dict[int, str] = {}  # uid -> sliver, from the last apply (quota observed)
+        self._copying: set[str] = set()  # homes being carried over into their image right now
+        self._copying_lock = threading.Lock()
 
     # --- choosing the mechanism -----------------------------------------------------------
     def mechanism(self) -> str:
@@ -105,9 +123,8 @@ class DiskEnforcer:
         result = self.host.run(["findmnt", "-n", "-l", "-o", "TARGET", "-S", device], check=False)
         return [line for line in (result.stdout or b"").decode().splitlines() if line.strip()]
 
-    def _size_kib(self, image: Path) -> int | None:
-        info = self.host.stat_file(image)
-        return None if info is None else info.size // 1024
+    def staging_of(self, name: str) -> Path:
+        return self.home_root / f"{STAGING_PREFIX}{name}"
 
     def prepare_home(self, name: str, uid: int, gid: int, home: Path, quota_kib: int) -> tuple[str, ...]:
         """Make ``home`` (mode 0700, ``uid:gid``) carry a limit of ``quota_kib``. Idempotent.
@@ -122,17 +139,22 @@ class DiskEnforcer:
             self.host.run(["setquota", "-u", str(uid), "0", str(max(0, quota_kib)), "0", "0", self._mount_point()])
             return ()
         image = self.image_of(name)
-        size = self._size_kib(image)
+        info = self.host.stat_file(image)
         notes: list[str] = []
-        if size is None:
+        if info is None:
             if quota_kib <= 0:
                 return ()
             self._create_image(image, uid, gid, quota_kib)
             size = quota_kib
+        else:
+            size = info.size // 1024
+            if (info.uid, info.mode) != (0, IMAGE_MODE):  # made by an older version (0644)
+                self.host.run(["chown", "0:0", str(image)])
+                self.host.run(["chmod", f"{IMAGE_MODE:o}", str(image)])
         device = self._loops().get(str(image))
         mounted = device is not None and str(home) in self._targets(device)
         if not mounted:
-            self._mount(name, image, home)
+            notes += self._mount(name, image, home, uid, gid)
             device = self._loops().get(str(image))
         if quota_kib > size and device is not None:
             notes += self._grow(name, image, device, home, size, quota_kib)
@@ -171,30 +193,66 @@ class DiskEnforcer:
         self.host.makedirs_owned(self.images_dir, 0, 0, 0o700)
         temp = image.with_name(image.name + ".new")
         self.host.remove_file(temp)
+        self.host.atomic_write(temp, b"", uid=0, gid=0, mode=IMAGE_MODE)  # 0600 before it holds anything
         self.host.run(["truncate", "-s", f"{kib}K", str(temp)])
         self.host.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", f"root_owner={uid}:{gid}", str(temp)], timeout=300)
         self.host.run(["mv", "-f", "-T", str(temp), str(image)])
         log.info("event=image_created image=%s kib=%d", image, kib)
 
-    def _mount(self, name: str, image: Path, home: Path) -> None:
+    def _mount(self, name: str, image: Path, home: Path, uid: int, gid: int) -> list[str]:
+        """Mount ``image`` on ``home``, first carrying over what the home holds (as the sliver's
+        uid: see the module docstring). Returns notes about what could not be carried over."""
         options = "loop,nosuid,nodev"
+        notes: list[str] = []
         listing = self.host.run(["find", str(home), "-mindepth", "1", "-maxdepth", "1", "-print", "-quit"]).stdout
         if listing and listing.strip():
-            staging = self.images_dir / f"{name}.staging"
-            self.host.makedirs_owned(staging, 0, 0, 0o700)
-            self.host.run(["mount", "-o", options, str(image), str(staging)])
+            with self._copying_lock:
+                self._copying.add(name)
             try:
-                self.host.run(["cp", "-a", "--", f"{home}/.", f"{staging}/"], timeout=600)
+                notes += self._carry_over(name, image, home, uid, gid, options)
             finally:
-                self.host.run(["umount", str(staging)])
-                self.host.remove_dir(staging)
-            self.host.run(["find", str(home), "-mindepth", "1", "-delete"])
+                with self._copying_lock:
+                    self._copying.discard(name)
         self.host.run(["mount", "-o", options, str(image), str(home)])
         lost = home / "lost+found"
         info = self.host.stat_file(lost)
         if info is not None and info.kind == "dir" and info.uid == 0:
             self.host.remove_dir(lost)
         log.info("event=image_mounted sliver=%s home=%s", name, home)
+        return notes
+
+    def _carry_over(self, name: str, image: Path, home: Path, uid: int, gid: int, options: str) -> list[str]:
+        """Copy the home's content into the image and delete it from under the mount point,
+        both as ``uid``, never as root."""
+        staging = self.staging_of(name)
+        self._unmount_staging(name)  # a crashed earlier attempt
+        self.host.makedirs_owned(staging, 0, 0, 0o700)
+        self.host.run(["mount", "-o", options, str(image), str(staging)])
+        try:
+            self.host.makedirs_owned(staging, uid, gid, 0o700)  # the image's root: the sliver's, private
+            copy = self.host.run_as(["cp", "-a", "--", f"{home}/.", f"{staging}/"], uid=uid, gid=gid, groups=[gid],
+                                    timeout=600, check=False)
+        finally:
+            self._unmount_staging(name)
+        notes = []
+        if copy.returncode != 0:
+            reason = copy.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
+            notes.append(f"sliver {name}: part of the home was not carried into its disk image "
+                         f"(copied as the sliver: {reason[0]})")
+        self.host.run_as(["find", str(home), "-mindepth", "1", "-delete"], uid=uid, gid=gid, groups=[gid],
+                         timeout=600, check=False)
+        log.info("event=home_carried_over sliver=%s home=%s complete=%d", name, home, copy.returncode == 0)
+        return notes
+
+    def _unmount_staging(self, name: str) -> None:
+        """Unmount (lazily when busy) and remove the staging point of ``name``. Idempotent."""
+        staging = self.staging_of(name)
+        if self.host.stat_file(staging) is None:
+            return
+        if str(staging) in {point for point, _ in self.host.mounts()}:
+            if self.host.run(["umount", str(staging)], check=False).returncode != 0:
+                self.host.run(["umount", "-l", str(staging)])
+        self.host.remove_dir(staging)
 
     def release_home(self, name: str, home: Path | None = None) -> None:
         """Undo :meth:`prepare_home`: unmount and delete the image (image), or drop the user's
@@ -202,6 +260,37 @@ class DiskEnforcer:
         are gone and before ``userdel --remove``. Idempotent."""
         if self.mechanism() == "quota":
             return
+        self._unmount_staging(name)
+        self._release_image(name, home)
+
+    def sweep(self, keep: Collection[str]) -> tuple[str, ...]:
+        """Unmount and delete the images (and staging mounts) of every account not in ``keep``.
+
+        ``keep`` holds the account names (prefix + sliver) of every sliver the store still has
+        an owned account state for -- including slivers being created, so that a new image is
+        never swept while its account is made. Called on every enforcement pass: it is what
+        removes the image of a sliver destroyed while the daemon was down or killed between
+        ``userdel`` and the image's removal. Returns the names swept. Idempotent."""
+        keep = set(keep)
+        names = {f.removesuffix(".new").removesuffix(IMAGE_SUFFIX) for f in self.host.file_stamps(self.images_dir)
+                 if f.endswith((IMAGE_SUFFIX, IMAGE_SUFFIX + ".new"))}
+        staged = {d.removeprefix(STAGING_PREFIX) for d in self.host.list_dirs(self.home_root)
+                  if d.startswith(STAGING_PREFIX)}
+        with self._copying_lock:
+            busy = set(self._copying)
+        swept = []
+        for name in sorted((names | staged) - keep - busy):
+            self._unmount_staging(name)
+            self._release_image(name)
+            swept.append(name)
+            log.warning("event=image_swept name=%s reason=no-sliver", name)
+        for name in sorted(staged & keep - busy):  # a carry-over cut short by a crash
+            self._unmount_staging(name)
+        return tuple(swept)
+
+    def _release_image(self, name: str, home: Path | None = None) -> None:
+        """Unmount the image (from ``home`` and staging points; everywhere when ``home`` is
+        None), detach its loop device and delete it. Idempotent."""
         image = self.image_of(name)
         device = self._loops().get(str(image))
         if device is not None:
@@ -213,6 +302,30 @@ class DiskEnforcer:
             if leftover is not None:
                 self.host.run(["losetup", "-d", leftover], check=False)
         self.host.remove_file(image)
+        self.host.remove_file(image.with_name(image.name + ".new"))
+
+    def overcommit(self) -> str | None:
+        """A note when the images could grow past the free space of their filesystem: the
+        sum of what the sparse images may still allocate (size minus blocks in use) against
+        the space available there; None when it fits (or there are no images)."""
+        out = self.host.run(["find", str(self.images_dir), "-maxdepth", "1", "-name", f"*{IMAGE_SUFFIX}",
+                             "-printf", "%s %b\n"], check=False).stdout
+        growth = 0
+        for line in (out or b"").decode().splitlines():
+            size, _, blocks = line.partition(" ")
+            if size.isdigit() and blocks.isdigit():
+                growth += max(0, int(size) - 512 * int(blocks))
+        if growth == 0:
+            return None
+        free = self.host.run(["stat", "-f", "-c", "%a %S", str(self.images_dir)], check=False).stdout
+        fields = (free or b"").decode().split()
+        if len(fields) != 2 or not all(f.isdigit() for f in fields):
+            return None
+        available = int(fields[0]) * int(fields[1])
+        if growth <= available:
+            return None
+        return (f"disk images are overcommitted: they may still grow by {growth >> 20} MiB, but the filesystem "
+                f"of {self.images_dir} has {available >> 20} MiB free; a sliver writing its quota may fail early")
 
     # --- the Enforcer port ----------------------------------------------------------------
     def apply(self, rspecs: RSpecs, uids: Mapping[str, int], homes: Mapping[str, Path] | None = None) -> tuple[str, ...]:
@@ -228,6 +341,10 @@ class DiskEnforcer:
                 notes += self.prepare_home(name, uids[name], gid, homes[name], rspec.get("nm_disk_quota", 0))
             except BackendError as exc:
                 failures.append(f"sliver {name}: disk: {exc}")
+        if self.mechanism() == "image":
+            overcommitted = self.overcommit()
+            if overcommitted is not None:
+                notes.append(overcommitted)
         if failures:
             raise BackendError("; ".join(failures))
         return tuple(notes)

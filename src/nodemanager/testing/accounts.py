@@ -3,17 +3,57 @@
 Integration tests create real Linux accounts with a prefix of their own; whatever happens in the
 test, these remove them (processes killed first, repeatedly: a forking sliver must not outlive
 it), with their groups, homes and the cgroups enforcement made for them.
+
+They also give each test run what the account backend needs besides homes, so that tests never
+touch the node's own: a uid base of their own (:func:`uid_base_for_tests`), a private root-owned keys
+directory where sshd's ``StrictModes`` accepts it (:func:`private_keys_dir`: not under a
+world-writable ``/tmp``), and a sliver group that is removed afterwards (:func:`removed_group`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..host import Host, PasswdEntry
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: Parent of private keys directories: root-owned 0755 all the way up, as sshd's StrictModes needs.
+KEYS_PARENT = Path("/var/lib")
+
+
+def uid_base_for_tests() -> int:
+    """A ``uid_base`` for this test process, far from real slivers' (100000 + slice ids) and from
+    other test processes', so concurrent runs never derive the same uid."""
+    return 1_500_000_000 + (os.getpid() % 500_000) * 1000
+
+
+@contextmanager
+def private_keys_dir() -> Iterator[Path]:
+    """A keys directory path (not yet created: the backend makes it) inside a fresh root-owned
+    0755 directory under ``/var/lib``; everything is removed afterwards."""
+    parent = Path(tempfile.mkdtemp(prefix="nm-test-keys-", dir=KEYS_PARENT))
+    try:
+        os.chown(parent, 0, 0)
+        os.chmod(parent, 0o755)
+        yield parent / "authorized_keys"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@contextmanager
+def removed_group(name: str) -> Iterator[str]:
+    """Yield ``name`` (a sliver group the backend will create); ``groupdel`` it afterwards."""
+    try:
+        yield name
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True, check=False)
 
 
 def accounts_with_prefix(prefix: str, host: Host | None = None) -> set[str]:

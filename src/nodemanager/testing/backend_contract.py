@@ -66,11 +66,15 @@ class BackendContract:
                 pass
 
     def sliver(self, name: str | None = None, **changes: Any) -> Sliver:
+        """A sliver of a slice of its own (name and slice id from one counter), unless given."""
+        serial = next(_counter)
         if name is None:
-            name = f"ct_{os.getpid() % 10000}x{next(_counter)}"
+            name = f"ct_{os.getpid() % 10000}x{serial}"
             self._made.append(name)
+        else:
+            serial = int(name.rpartition("x")[2]) if name.rpartition("x")[2].isdigit() else serial
         fields: dict[str, Any] = dict(
-            name=name, slice_id=1, instantiation=PLC_INSTANTIATED, expires=2**31 - 1, timestamp=1, keys=KEYS
+            name=name, slice_id=100 + serial, instantiation=PLC_INSTANTIATED, expires=2**31 - 1, timestamp=1, keys=KEYS
         )
         fields.update(changes)
         return Sliver(**fields)
@@ -89,6 +93,27 @@ class BackendContract:
         assert observed[sliver.name].managed_marker
         found = backend.lookup(sliver.name)
         assert found is not None and found.uid == uid
+
+    def test_uid_is_uid_base_plus_slice_id_and_never_shared(self, backend: Backend) -> None:
+        first = self.sliver()
+        uid = backend.create(first)
+        assert uid == backend.uid_base + first.slice_id  # type: ignore[attr-defined]
+        twin = self.sliver(slice_id=first.slice_id)
+        with pytest.raises(AccountConflict, match=rf"{twin.name}.*uid {uid}"):
+            backend.create(twin)
+        assert twin.name not in backend.observe()
+        backend.destroy(first.name)
+        assert backend.create(twin) == uid  # the slice's number, free again
+
+    def test_configure_returns_the_signature_observe_reports(self, backend: Backend) -> None:
+        sliver = self.sliver()
+        backend.create(sliver)
+        access = backend.configure(sliver, {})
+        assert isinstance(access, str)
+        assert backend.observe()[sliver.name].access == access
+        found = backend.lookup(sliver.name)
+        assert found is not None and found.access == access
+        assert backend.configure(sliver, {}) == access  # nothing changed: the same signature
 
     def test_create_twice_conflicts(self, backend: Backend) -> None:
         sliver = self.sliver()

@@ -7,7 +7,9 @@ It keeps just enough state for backend logic to be tested without root:
   lists given to ``run``.
 * an in-memory passwd/group/shadow table that ``useradd``, ``usermod``, ``userdel`` and
   ``groupdel`` argv lists update (the options the account backend uses, nothing more);
-* ``dirs`` and ``files`` (path -> ``FakeFile``) for the file methods;
+* ``dirs`` and ``files`` (path -> ``FakeFile``) for the file methods; every write gives a file a
+  new ``stamp`` (its inode and mtime stand-in), and ``mount_table`` is what ``mounts`` returns;
+* ``run_as`` records ``(uid, gid, groups, argv)`` in ``ran_as`` and otherwise behaves like ``run``;
 * ``processes`` (pid -> uid): ``spawn_detached`` adds one, SIGTERM ends it unless the pid is in
   ``ignore_term``, SIGKILL ends it unless it is in ``immortal``;
 * a manual clock: ``sleep`` advances ``monotonic``;
@@ -32,6 +34,7 @@ class FakeFile:
     uid: int
     gid: int
     mode: int
+    stamp: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class Spawned:
     log_path: Path
     pid: int
     cgroups: tuple[Path, ...] = ()
+    groups: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -66,6 +70,9 @@ class FakeHost(Host):
         self.ignore_term: set[int] = set()
         self.immortal: set[int] = set()
         self.spawned: list[Spawned] = []
+        self.ran_as: list[tuple[int, int, tuple[int, ...], tuple[str, ...]]] = []
+        self.mount_table: list[tuple[str, str]] = [("/", "ext4")]
+        self._next_stamp = 1
         self.now = 1000.0
         self._next_uid = first_uid
         self._next_pid = 5000
@@ -86,6 +93,14 @@ class FakeHost(Host):
         self.groups[name] = GroupEntry(name, uid)
         self.shadow[name] = ShadowEntry(name, password, "")
         return entry
+
+    def add_file(self, path: Path, data: bytes = b"", *, uid: int = 0, gid: int = 0, mode: int = 0o644) -> None:
+        """Put a file in the table directly, as if written by someone else."""
+        self.files[Path(path)] = FakeFile(bytes(data), uid, gid, mode, self._stamp())
+
+    def _stamp(self) -> int:
+        self._next_stamp += 1
+        return self._next_stamp
 
     def add_process(self, uid: int) -> int:
         self._next_pid += 1
@@ -142,12 +157,23 @@ class FakeHost(Host):
                 return 9, f"useradd: user '{name}' already exists"
             if "--user-group" in options and name in self.groups:
                 return 9, f"useradd: group {name} exists"
-            uid = self._allocate_uid()
+            if "--uid" in options:
+                uid = int(options["--uid"])
+                if any(u.uid == uid for u in self.users.values()):
+                    return 4, f"useradd: UID {uid} is not unique"
+            else:
+                uid = self._allocate_uid()
+            wanted = [g for g in options.get("--groups", "").split(",") if g]
+            missing = [g for g in wanted if g not in self.groups]
+            if missing:
+                return 6, f"useradd: group '{missing[0]}' does not exist"
+            gid = uid if all(g.gid != uid for g in self.groups.values()) else self._allocate_uid()
             home = options.get("--home-dir", f"/home/{name}")
-            self.users[name] = PasswdEntry(name, uid, uid, options.get("--comment", ""), home,
+            self.users[name] = PasswdEntry(name, uid, gid, options.get("--comment", ""), home,
                                            options.get("--shell", "/bin/sh"))
-            self.groups[name] = GroupEntry(name, uid)
+            self.groups[name] = GroupEntry(name, gid)
             self.shadow[name] = ShadowEntry(name, options.get("--password", "!"), "")
+            self._set_memberships(name, wanted, only=False)
             return 0, ""
         if program == "usermod":
             if name not in self.users:
@@ -155,6 +181,16 @@ class FakeHost(Host):
             old = self.shadow[name]
             self.shadow[name] = replace(old, password=options.get("--password", old.password),
                                         expire=options.get("--expiredate", old.expire))
+            if "--groups" in options:
+                wanted = [g for g in options["--groups"].split(",") if g]
+                if any(g not in self.groups for g in wanted):
+                    return 6, "usermod: group does not exist"
+                self._set_memberships(name, wanted, only=True)
+            return 0, ""
+        if program == "groupadd":
+            if name in self.groups:
+                return 9, f"groupadd: group '{name}' already exists"
+            self.groups[name] = GroupEntry(name, self._allocate_uid())
             return 0, ""
         if program == "userdel":
             entry = self.users.pop(name, None)
@@ -173,6 +209,23 @@ class FakeHost(Host):
             return 0, ""
         return 0, ""
 
+    def _set_memberships(self, account: str, wanted: Sequence[str], *, only: bool) -> None:
+        """Add ``account`` to the member lists of ``wanted``; with ``only``, remove it from all others."""
+        for group in list(self.groups.values()):
+            members = [m for m in group.members if m != account]
+            if group.name in wanted:
+                members.append(account)
+            elif not only:
+                members = list(group.members)
+            self.groups[group.name] = replace(group, members=tuple(members))
+
+    def run_as(self, argv: Sequence[str], *, uid: int, gid: int, groups: Sequence[int] = (), timeout: float = 60,
+               check: bool = True) -> CommandResult[bytes]:
+        if uid == 0:
+            raise BackendError("run_as refuses uid 0")
+        self.ran_as.append((uid, gid, tuple(groups), tuple(str(a) for a in argv)))
+        return self.run(argv, timeout=timeout, check=check)
+
     # --- account databases ----------------------------------------------------------------
     def getpwnam(self, name: str) -> PasswdEntry | None:
         self._record("getpwnam", name)
@@ -190,9 +243,21 @@ class FakeHost(Host):
         self._record("getgrnam", name)
         return self.groups.get(name)
 
+    def getgrgid(self, gid: int) -> GroupEntry | None:
+        self._record("getgrgid", gid)
+        return next((g for g in self.groups.values() if g.gid == gid), None)
+
+    def all_groups(self) -> list[GroupEntry]:
+        self._record("all_groups")
+        return list(self.groups.values())
+
     def shadow_entry(self, name: str) -> ShadowEntry | None:
         self._record("shadow_entry", name)
         return self.shadow.get(name)
+
+    def shadow_entries(self) -> dict[str, ShadowEntry]:
+        self._record("shadow_entries")
+        return dict(self.shadow)
 
     # --- files ----------------------------------------------------------------------------
     def makedirs_owned(self, path: Path, uid: int, gid: int, mode: int) -> None:
@@ -201,14 +266,14 @@ class FakeHost(Host):
 
     def atomic_write(self, path: Path, data: bytes, *, uid: int, gid: int, mode: int) -> None:
         self._record("atomic_write", Path(path), data, uid, gid, mode)
-        self.files[Path(path)] = FakeFile(bytes(data), uid, gid, mode)
+        self.files[Path(path)] = FakeFile(bytes(data), uid, gid, mode, self._stamp())
 
     def stat_file(self, path: Path) -> FileInfo | None:
         self._record("stat_file", Path(path))
         path = Path(path)
         if path in self.files:
             f = self.files[path]
-            return FileInfo(f.uid, f.gid, f.mode, "file", len(f.data))
+            return FileInfo(f.uid, f.gid, f.mode, "file", len(f.data), f.stamp, f.stamp)
         if path in self.dirs:
             uid, gid, mode = self.dirs[path]
             return FileInfo(uid, gid, mode, "dir", 4096)
@@ -235,7 +300,8 @@ class FakeHost(Host):
     def write_text(self, path: Path, text: str) -> None:
         self._record("write_text", Path(path), text)
         old = self.files.get(Path(path))
-        self.files[Path(path)] = FakeFile(text.encode(), 0, 0, 0o644) if old is None else replace(old, data=text.encode())
+        self.files[Path(path)] = (FakeFile(text.encode(), 0, 0, 0o644, self._stamp()) if old is None
+                                  else replace(old, data=text.encode(), stamp=self._stamp()))
 
     def remove_dir(self, path: Path) -> None:
         self._record("remove_dir", Path(path))
@@ -248,6 +314,29 @@ class FakeHost(Host):
     def list_executables(self, directory: Path) -> list[str]:
         self._record("list_executables", Path(directory))
         return sorted(p.name for p, f in self.files.items() if p.parent == Path(directory) and f.mode & 0o111)
+
+    def file_stamps(self, directory: Path) -> dict[str, tuple[int, int, int]]:
+        self._record("file_stamps", Path(directory))
+        return {p.name: (f.stamp, len(f.data), f.stamp) for p, f in self.files.items() if p.parent == Path(directory)}
+
+    def mounts(self) -> list[tuple[str, str]]:
+        self._record("mounts")
+        return list(self.mount_table)
+
+    def remove_owned(self, directory: Path, uid: int) -> tuple[int, int]:
+        self._record("remove_owned", Path(directory), uid)
+        root = Path(directory)
+        files = [p for p, f in self.files.items() if root in p.parents and f.uid == uid]
+        dirs = [p for p, (owner, _, _) in self.dirs.items() if root in p.parents and owner == uid]
+        for path in files:
+            del self.files[path]
+        left = 0
+        for path in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            if any(path in p.parents for p in [*self.files, *self.dirs]):
+                left += 1
+            else:
+                del self.dirs[path]
+        return len(files) + len(dirs) - left, left
 
     # --- processes ------------------------------------------------------------------------
     def pids_of_uid(self, uid: int) -> list[int]:
@@ -270,11 +359,12 @@ class FakeHost(Host):
             del self.processes[pid]
 
     def spawn_detached(self, argv: Sequence[str], *, uid: int, gid: int, home: Path,
-                       env: Mapping[str, str], log_path: Path, cgroups: Sequence[Path] = ()) -> None:
+                       env: Mapping[str, str], log_path: Path, cgroups: Sequence[Path] = (),
+                       groups: Sequence[int] | None = None) -> None:
         self._record("spawn_detached", tuple(argv), uid, *([tuple(Path(c) for c in cgroups)] if cgroups else []))
         pid = self.add_process(uid)
         self.spawned.append(Spawned(tuple(str(a) for a in argv), uid, gid, Path(home), dict(env), Path(log_path), pid,
-                                    tuple(Path(c) for c in cgroups)))
+                                    tuple(Path(c) for c in cgroups), tuple([gid] if groups is None else groups)))
 
     # --- time -----------------------------------------------------------------------------
     def sleep(self, seconds: float) -> None:
@@ -287,7 +377,8 @@ class FakeHost(Host):
 
 def _options(args: Sequence[str]) -> dict[str, str]:
     """``--opt value`` pairs and bare ``--flag``s of the commands above (value "" for a flag)."""
-    flags = {"--user-group", "--no-create-home", "--remove", "--create-home", "--system"}
+    flags = {"--user-group", "--no-create-home", "--remove", "--create-home", "--system", "--non-unique",
+             "--no-log-init"}
     result: dict[str, str] = {}
     i = 0
     while i < len(args):

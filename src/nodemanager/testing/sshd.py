@@ -11,6 +11,11 @@ openssh-server package's own runtime directory, possibly shared with another ssh
 logins to accounts whose password field is ``!``, and with ``UsePAM yes`` (Debian's default)
 PAM prints the message of the day for sessions without a command. Tests should try both.
 
+With ``keys_dir`` (and ``sliver_group``) the configuration ends with the node's own ``Match Group``
+block (:func:`nodemanager.backends.sshdconfig.match_block`, the text of
+``packaging/sshd_config.d/nodemanager.conf``): sliver accounts then log in with the keys in
+``keys_dir/<account>`` and nothing else, exactly as on a node.
+
 :func:`make_client_key` makes an ed25519 key pair for the client side.
 """
 
@@ -24,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from ..backends.sshdconfig import match_block
 
 SSHD = Path("/usr/sbin/sshd")
 SSH_KEYGEN = "ssh-keygen"
@@ -65,14 +72,18 @@ class PrivateSshd:
     """A throw-away sshd on 127.0.0.1. Use as a context manager; ``port`` is set once started.
 
     ``use_pam``: the ``UsePAM`` setting. ``authorized_keys_file``: sshd's ``AuthorizedKeysFile``
-    (relative paths are under the user's home). ``log_level``: sshd's ``LogLevel``;
-    :meth:`log` returns what sshd wrote so far (useful in assertion messages). ``extra`` lines are
-    appended to the configuration."""
+    (relative paths are under the user's home) for accounts outside ``sliver_group``;
+    ``keys_dir``: the node's keys directory for members of ``sliver_group`` (None: no such
+    block). ``log_level``: sshd's ``LogLevel``; :meth:`log` returns what sshd wrote so far
+    (useful in assertion messages). ``extra`` lines are appended to the global part."""
 
     def __init__(self, *, use_pam: bool = True, authorized_keys_file: str = ".ssh/authorized_keys",
-                 log_level: str = "VERBOSE", base_dir: Path = DEFAULT_BASE, extra: tuple[str, ...] = ()) -> None:
+                 log_level: str = "VERBOSE", base_dir: Path = DEFAULT_BASE, extra: tuple[str, ...] = (),
+                 keys_dir: Path | None = None, sliver_group: str = "slivers") -> None:
         self.use_pam = use_pam
         self.authorized_keys_file = authorized_keys_file
+        self.keys_dir = Path(keys_dir) if keys_dir is not None else None
+        self.sliver_group = sliver_group
         self.log_level = log_level
         self.base_dir = Path(base_dir)
         self.extra = extra
@@ -107,7 +118,8 @@ class PrivateSshd:
             "Subsystem sftp /usr/lib/openssh/sftp-server",  # as Debian's: run through the login shell
             *self.extra,
         ]
-        return "".join(line + "\n" for line in lines)
+        block = match_block(self.keys_dir, self.sliver_group) if self.keys_dir is not None else ""
+        return "".join(line + "\n" for line in lines) + block
 
     def start(self) -> PrivateSshd:
         reason = sshd_available()

@@ -1,0 +1,107 @@
+"""Removing a uid's files from shared trees, and the mount table: the walk behind
+:meth:`~nodemanager.hostfiles.LinkSafeFiles.remove_owned`.
+
+Apart from :mod:`nodemanager.hostfiles` because it is one self-contained procedure: a post-order
+walk over directory descriptors that never follows a link and never leaves the filesystem (or the
+mount) it started on, so root can clean ``/tmp`` of a removed account's files while other users
+keep writing there.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+#: How deep :func:`remove_owned_below` descends (one open descriptor per level).
+REMOVE_OWNED_DEPTH = 128
+MOUNTS_FILE = Path("/proc/self/mounts")
+
+
+def parse_mounts(raw: bytes) -> list[tuple[str, str]]:
+    """``(mount point, filesystem type)`` of each line of ``/proc/self/mounts``, in order, with
+    the octal escapes of spaces, tabs, newlines and backslashes undone."""
+    mounts = []
+    for line in raw.decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) > 2:
+            mounts.append((_unescape_mount(fields[1]), fields[2]))
+    return mounts
+
+
+def _unescape_mount(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def remove_owned_below(top: int, top_path: str, uid: int, device: int, mounts: frozenset[str]) -> tuple[int, int]:
+    """Post-order removal of ``uid``'s entries below the open directory ``top``, iterative so
+    that a deep tree cannot exhaust the stack. A frame is ``[fd, name, owner, names left]``."""
+    removed = left = 0
+    frames: list[tuple[int, str, int, list[str]]] = [(top, top_path, -1, sorted(os.listdir(top)))]
+    try:
+        while frames:
+            fd, path, owner, names = frames[-1]
+            if not names:  # every entry seen: leave this directory, removing it when it is uid's
+                frames.pop()
+                if not frames:
+                    break
+                os.close(fd)
+                if owner == uid:
+                    try:
+                        os.rmdir(os.path.basename(path), dir_fd=frames[-1][0])
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        left += 1
+                continue
+            name = names.pop()
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            mine = info.st_uid == uid
+            if not stat.S_ISDIR(info.st_mode):
+                if mine:
+                    try:
+                        os.unlink(name, dir_fd=fd)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        left += 1
+                continue
+            child_path = os.path.join(path, name)
+            if info.st_dev != device or child_path in mounts or len(frames) > REMOVE_OWNED_DEPTH:
+                left += mine
+                continue
+            try:
+                child = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                left += mine
+                continue
+            try:
+                opened = os.fstat(child)
+                if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+                    raise FileNotFoundError(name)  # swapped for something else meanwhile
+                children = sorted(os.listdir(child))
+            except OSError:
+                os.close(child)
+                left += mine
+                continue
+            frames.append((child, child_path, info.st_uid, children))
+    finally:
+        for fd, *_ in frames[1:]:
+            os.close(fd)
+    return removed, left
