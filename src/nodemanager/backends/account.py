@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import BackendError
-from ..core.records import NM_CONTROLLER, ObservedAccount, Sliver, is_valid_name, validate_name
+from ..core.records import ObservedAccount, Sliver, is_valid_name, validate_name
 from ..host import Host, PasswdEntry
 from .access import DEFAULT_KEYS_DIR, OPEN_PASSWORD, KeyFiles, access_signature, keys_content
-from .delegate import SHELLS_FILE, DelegateShell, default_forward_command, wrapper_path_for
+from .delegate import SHELLS_FILE, DelegateAccounts, DelegateShell, default_forward_command, wrapper_path_for
 from .hooks import AccountHooks as AccountHooks  # re-exported
 from .leftovers import remove_leftovers
 from .ownership import check_home_free, refuse_taken, remove_orphan_home
@@ -122,7 +122,7 @@ class AccountBackend:
                 forward_command=list(forward_command) if forward_command else default_forward_command(),
                 shells_file=shells_file,
             )
-        self._warned_no_delegate = False
+        self.delegates = DelegateAccounts(self.delegate, shell)
         #: Resource enforcement's part in an account's life (cgroups at creation, disk image
         #: before anything is written in the home, stopping through cgroups, teardown before
         #: userdel); None: no enforcement.
@@ -197,7 +197,7 @@ class AccountBackend:
             refuse_taken(self.host, name, account, uid, sliver.slice_id)
             home_existed = check_home_free(self.host, name, home, uid)
             self.db.sliver_group()
-            shell = self._login_shell(sliver)
+            shell = self.delegates.login_shell(sliver)
             if self.delegate is not None and shell == str(self.delegate.path):
                 self.delegate.install(self.host)
             try:
@@ -233,7 +233,7 @@ class AccountBackend:
         enabled = rspec.get("nm_enabled", 1) != 0
         with _failures(name, "configure"):
             entry = self._entry(name)
-            delegated = self._is_delegate(sliver)
+            delegated = self.delegates.is_delegate(sliver)
             keys = keys_content(name, sliver.keys, restrict=delegated) if enabled else b""
             steps: list[Callable[[], object]] = [
                 lambda: self.db.ensure_lock_state(name, entry.name, enabled),
@@ -241,7 +241,8 @@ class AccountBackend:
             ]
             if not enabled:
                 steps.append(lambda: self._stop(name, entry.uid))
-            steps += [lambda: self.keys.write(entry.name, keys), lambda: self._ensure_shell(sliver, entry, delegated)]
+            steps += [lambda: self.keys.write(entry.name, keys),
+                      lambda: self.delegates.ensure_login_shell(self.host, self.db.command, sliver, entry, delegated)]
             failures: list[BackendError] = []
             for step in steps:
                 try:
@@ -335,39 +336,6 @@ class AccountBackend:
                 return False
             self._refuse_root(name, entry)
             return bool(self.host.pids_of_uid(entry.uid))
-
-    # --- delegate accounts -----------------------------------------------------------------
-    def _is_delegate(self, sliver: Sliver) -> bool:
-        """True when ``sliver``'s account is a delegate account (controller + a delegate shell)."""
-        if sliver.instantiation != NM_CONTROLLER:
-            return False
-        if self.delegate is None:
-            if not self._warned_no_delegate:
-                self._warned_no_delegate = True
-                logger.warning("sliver=%s event=no-delegate-shell reason=%r", sliver.name,
-                               "api.unix_socket is disabled: nm-controller slivers get ordinary accounts")
-            return False
-        return True
-
-    def _login_shell(self, sliver: Sliver) -> str:
-        if self._is_delegate(sliver):
-            assert self.delegate is not None
-            return str(self.delegate.path)
-        return self.shell
-
-    def _ensure_shell(self, sliver: Sliver, entry: PasswdEntry, delegated: bool) -> None:
-        """Delegate accounts: wrapper installed and login shell. An account that was a delegate
-        account and no longer is gets the ordinary shell back."""
-        if delegated:
-            assert self.delegate is not None
-            self.delegate.install(self.host)
-            if entry.shell != str(self.delegate.path):
-                self.db.command(["usermod", "--shell", str(self.delegate.path), entry.name])
-                logger.info("sliver=%s event=login-shell shell=%s", sliver.name, self.delegate.path)
-        elif self.delegate is not None and entry.shell == str(self.delegate.path):
-            self.db.command(["usermod", "--shell", self.shell, entry.name])
-            logger.info("sliver=%s event=login-shell shell=%s", sliver.name, self.shell)
-            self.delegate.release_if_unused(self.host)
 
     # --- parts ----------------------------------------------------------------------------
     def _configure_home(self, sliver: Sliver, entry: PasswdEntry, delegated: bool) -> None:

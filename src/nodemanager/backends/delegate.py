@@ -26,10 +26,11 @@ import shlex
 import stat
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..host import Host
+from ..core.records import NM_CONTROLLER, Sliver
+from ..host import Host, PasswdEntry
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +225,47 @@ class DelegateShell:
             if self.in_use(host):
                 return False
             return unregister_shell(self.path, host=host, shells_file=self.shells_file)
+
+
+class DelegateAccounts:
+    """Which sliver accounts are delegate accounts, and their login shells.
+
+    With a delegate shell configured, ``nm-controller`` slivers get it as login shell; without
+    one they are ordinary accounts, and a warning says so once."""
+
+    def __init__(self, delegate: DelegateShell | None, ordinary_shell: str) -> None:
+        self.delegate = delegate
+        self.ordinary_shell = ordinary_shell
+        self._warned = False
+
+    def is_delegate(self, sliver: Sliver) -> bool:
+        """True when ``sliver``'s account is a delegate account (controller + a delegate shell)."""
+        if sliver.instantiation != NM_CONTROLLER:
+            return False
+        if self.delegate is None:
+            if not self._warned:
+                self._warned = True
+                logger.warning("sliver=%s event=no-delegate-shell reason=%r", sliver.name,
+                               "api.unix_socket is disabled: nm-controller slivers get ordinary accounts")
+            return False
+        return True
+
+    def login_shell(self, sliver: Sliver) -> str:
+        if self.is_delegate(sliver) and self.delegate is not None:
+            return str(self.delegate.path)
+        return self.ordinary_shell
+
+    def ensure_login_shell(self, host: Host, command: Callable[[list[str]], object], sliver: Sliver,
+                           entry: PasswdEntry, delegated: bool) -> None:
+        """Delegate accounts: wrapper installed and login shell (``command`` runs ``usermod``).
+        An account that was a delegate account and no longer is gets the ordinary shell back,
+        and the wrapper is unregistered once nobody uses it. Idempotent."""
+        if delegated and self.delegate is not None:
+            self.delegate.install(host)
+            if entry.shell != str(self.delegate.path):
+                command(["usermod", "--shell", str(self.delegate.path), entry.name])
+                logger.info("sliver=%s event=login-shell shell=%s", sliver.name, self.delegate.path)
+        elif self.delegate is not None and entry.shell == str(self.delegate.path):
+            command(["usermod", "--shell", self.ordinary_shell, entry.name])
+            logger.info("sliver=%s event=login-shell shell=%s", sliver.name, self.ordinary_shell)
+            self.delegate.release_if_unused(host)
