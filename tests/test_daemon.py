@@ -21,7 +21,7 @@ from nodemanager.testing.daemonproc import (
 
 
 def document(path: Path, names: list[str], timestamp: int) -> None:
-    write_slivers_document(path, names, timestamp, first_slice_id=0)
+    write_slivers_document(path, names, timestamp)
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -280,12 +280,23 @@ class Node:
             for resource, mechanism in sorted(self.enforcement.describe().items()):
                 logger.info("event=enforcement resource=%s mechanism=%r", resource, mechanism)
             self.store.set_meta({Meta.ENFORCEMENT: "; ".join(self.enforcement.problems()) or "ok"})
-        problems = getattr(self.backend, "access_problems", None)
-        if problems is not None:
-            found = problems()
-            for problem in found:
-                logger.warning("event=sshd-not-set-up problem=%r", problem)
-            self.store.set_meta({Meta.SSHD: "; ".join(found) or "ok"})
+        self.store.set_meta({Meta.SSHD: ""})
+        self._check_sshd()
+
+    def _check_sshd(self) -> None:
+        """Whether sshd reads only the node's keys for sliver accounts (README, "Security
+        model"). sshd can only be asked about an existing sliver account, so the answer stays
+        unknown ("") until there is one; then it is asked once per start."""
+        from .backends.account import AccountBackend
+
+        if not isinstance(self.backend, AccountBackend) or self.store.get_meta(Meta.SSHD):
+            return
+        if not any(state.owned and state.uid is not None for state in self.store.accounts().values()):
+            return
+        found = self.backend.sshd_problems()
+        for problem in found:
+            logger.error("event=sshd-not-set-up problem=%r", problem)
+        self.store.set_meta({Meta.SSHD: "; ".join(found) or "ok"})
 
     def _serve(self) -> None:
         if self.api_server is not None:
@@ -317,8 +328,12 @@ class Node:
             allow_mass_delete=allow_mass_delete, wait=wait, before_submit=self.refresh_cap, retry_now=retry_now,
         )
         self.metrics.sync_finished(outcome)
-        if outcome.ok and self.syncer.authority_seen and self.store.get_meta(Meta.ADOPT):
-            self.store.set_meta({Meta.ADOPT: ""})
+        try:
+            if outcome.ok and self.syncer.authority_seen and self.store.get_meta(Meta.ADOPT):
+                self.store.set_meta({Meta.ADOPT: ""})
+            self._check_sshd()
+        except NodeManagerError as exc:  # the store is failing: the cycle said so already
+            logger.error("event=after-sync-failed error=%s", exc)
         for hook in self.on_sync:
             try:
                 hook(outcome)

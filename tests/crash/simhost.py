@@ -32,7 +32,7 @@ from nodemanager.testing.fakehost import FakeHost
 READS = frozenset({
     "getpwnam", "getpwuid", "all_users", "getgrnam", "getgrgid", "all_groups", "shadow_entry",
     "shadow_entries", "stat_file", "read_file", "list_dirs", "list_executables", "list_names",
-    "pids_of_uid", "pids_by_uid", "monotonic", "sleep", "scan_files",
+    "pids_of_uid", "pids_by_uid", "monotonic", "sleep", "scan_files", "file_stamps", "mounts",
 })
 
 #: Commands (by argv prefix) that only query the machine.

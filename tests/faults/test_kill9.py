@@ -29,7 +29,7 @@ import pytest
 
 from nodemanager.api.client import local_proxy
 from nodemanager.store import Store
-from nodemanager.testing.accounts import account_entries, purge_accounts
+from nodemanager.testing.accounts import account_entries, purge_accounts, removed_group
 from nodemanager.testing.daemonproc import (
     run_nodemanager,
     start_nodemanager,
@@ -57,10 +57,11 @@ def write_doc(path: Path, names: list[str], timestamp: int) -> None:
 def node(short_dir: Path, home_root: Path) -> Iterator[tuple[Path, Path, Path]]:
     purge_accounts(PREFIX + "site_")
     doc = short_dir / "slivers.json"
-    config = write_daemon_config(short_dir, doc, unix_socket=str(short_dir / "api.sock"), slivers={
-        "home_root": str(home_root), "name_prefix": PREFIX, "workers": 4, "stop_grace": 1})
-    yield doc, config, short_dir
-    purge_accounts(PREFIX + "site_")
+    with removed_group(PREFIX + "slivers") as group:
+        config = write_daemon_config(short_dir, doc, unix_socket=str(short_dir / "api.sock"), slivers={
+            "home_root": str(home_root), "name_prefix": PREFIX, "workers": 4, "stop_grace": 1, "group": group})
+        yield doc, config, short_dir
+        purge_accounts(PREFIX + "site_")
 
 
 class ApiClient(threading.Thread):

@@ -19,11 +19,12 @@ from nodemanager.api.client import local_proxy
 from nodemanager.cli import main
 from nodemanager.config import parse_config
 from nodemanager.daemon import Node, build_node
-from nodemanager.testing.accounts import purge_accounts, wait_for
+from nodemanager.testing.accounts import purge_accounts, uid_base_for_tests, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 PREFIX = "nmy"
+GROUP = PREFIX + "slivers"  # the sliver group of this node (removed with the accounts)
 VETH, PEER, NETNS = "nmyv0", "nmyv1", "nmy-test"
 TABLE = "nodemanager"
 
@@ -34,6 +35,7 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def cleanup_accounts() -> None:
     purge_accounts(PREFIX + "site_")
+    run("groupdel", GROUP)
 
 
 def write_doc(path: Path, slivers: dict[str, int], timestamp: int) -> None:
@@ -71,7 +73,8 @@ def manager(tmp_path: Path, home_root: Path, veth: str) -> Iterator[tuple[Node, 
         "authority": {"url": f"file://{doc}", "node_id_file": str(tmp_path / "node_id")},
         "api": {"tcp": "", "unix_socket": str(sock_dir / "api.sock")},
         "metrics": {"listen": ""},
-        "slivers": {"home_root": str(home_root), "name_prefix": PREFIX, "stop_grace": 1},
+        "slivers": {"home_root": str(home_root), "name_prefix": PREFIX, "stop_grace": 1,
+                    "keys_dir": str(tmp_path / "keys"), "uid_base": uid_base_for_tests(), "group": GROUP},
         "enforce": {"cpu": True, "memory": True, "bandwidth": True, "disk": False, "uplink": veth},
     })
     nm = build_node(config)

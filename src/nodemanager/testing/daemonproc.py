@@ -18,6 +18,9 @@ from pathlib import Path
 
 import tomli_w
 
+from .accounts import uid_base_for_tests
+from .fakeauthority import stable_slice_id
+
 #: The directory holding the ``nodemanager`` package: the child's ``PYTHONPATH``.
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,14 +32,16 @@ def write_slivers_document(
     *,
     key_template: str | None = None,
     attributes: Mapping[str, str] | None = None,
-    first_slice_id: int = 1,
+    first_slice_id: int | None = None,
 ) -> None:
     """Replace ``path`` atomically with an authority document listing ``names`` (node 1).
 
-    Sliver ``i`` gets slice id ``first_slice_id + i``, expires in a day, has the one ssh key
+    Sliver ``i`` gets slice id ``first_slice_id + i``, or one derived from its name when none is
+    given (stable across documents: a sliver's uid derives from it), expires in a day, has the one ssh key
     ``key_template.format(i)`` (none without a template) and ``attributes`` as its tags."""
     slivers = [{
-        "name": name, "slice_id": first_slice_id + i, "instantiation": "plc-instantiated",
+        "name": name, "instantiation": "plc-instantiated",
+        "slice_id": stable_slice_id(name) if first_slice_id is None else first_slice_id + i,
         "expires": int(time.time()) + 86400,
         "keys": [] if key_template is None else [{"key_type": "ssh", "key": key_template.format(i)}],
         "attributes": [{"tagname": tag, "value": value} for tag, value in (attributes or {}).items()],
@@ -59,8 +64,10 @@ def write_daemon_config(
     ``file://document`` every ``poll_interval`` seconds; return the config's path.
 
     Data, log and node id live in ``directory``; TCP API and metrics are off; ``unix_socket``
-    empty means no Unix API either. ``slivers`` is the ``[slivers]`` table. ``enforce=False``
-    turns every enforcer off, ``None`` leaves the ``[enforce]`` defaults."""
+    empty means no Unix API either. ``slivers`` is the ``[slivers]`` table; its ``keys_dir``
+    defaults to ``directory/keys`` and its ``uid_base`` to this test process's (a test never
+    writes the node's real keys directory). ``enforce=False`` turns every enforcer off, ``None``
+    leaves the ``[enforce]`` defaults."""
     (directory / "node_id").write_text("1\n")
     settings: dict[str, object] = {
         "node": {"data_dir": str(directory / "data"), "log_file": str(directory / "nm.log")},
@@ -72,7 +79,7 @@ def write_daemon_config(
         },
         "api": {"tcp": "", "unix_socket": unix_socket},
         "metrics": {"listen": ""},
-        "slivers": dict(slivers),
+        "slivers": {"keys_dir": str(directory / "keys"), "uid_base": uid_base_for_tests(), **slivers},
     }
     if enforce is not None:
         settings["enforce"] = {kind: enforce for kind in ("cpu", "memory", "bandwidth", "disk")}

@@ -13,6 +13,13 @@ from ..core.errors import AuthorityError
 from ..core.records import PLC_INSTANTIATED, SOURCE_AUTHORITY, AuthorityDocument, Sliver
 
 
+def stable_slice_id(name: str) -> int:
+    """A slice id derived from the name: the same in every run and every document (a sliver's
+    uid derives from it). Below 10**7, so that any test ``uid_base`` plus it is a valid uid;
+    two names collide about once in ten million pairs."""
+    return 1 + zlib.crc32(name.encode()) % 10_000_000
+
+
 def make_sliver(
     name: str,
     *,
@@ -27,7 +34,7 @@ def make_sliver(
 ) -> Sliver:
     return Sliver(
         name=name,
-        slice_id=slice_id or (zlib.crc32(name.encode()) % 100000),  # stable across runs
+        slice_id=slice_id or stable_slice_id(name),
         instantiation=instantiation,
         expires=expires,
         timestamp=timestamp,
