@@ -196,7 +196,9 @@ class SliverOperations:
             )
         rspec = self.effective_rspec(name, sliver)
         access = self.backend.configure(sliver, rspec)
-        phase = state.phase if state.phase in (Phase.RUNNING, Phase.STOPPED) else Phase.STOPPED
+        phase = state.phase
+        if phase not in (Phase.RUNNING, Phase.STOPPED):  # after a failure or a crash: ask
+            phase = Phase.RUNNING if self.backend.is_running(name) else Phase.STOPPED
         if rspec.get("nm_enabled", 1) == 0:
             phase = Phase.STOPPED
         elif start:

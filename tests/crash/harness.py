@@ -39,6 +39,8 @@ from .simhost import SimHost, SimStore, SimulatedCrash
 PREFIX = "sim"
 HOME_ROOT = Path("/simhome")
 UID_BASE = 200000
+#: Thousands of worlds are made and thrown away: in memory when the machine has a tmpfs.
+_SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() else None
 #: Syncs a restarted node gets to converge (each followed by an enforcement pass).
 RECOVERY_CYCLES = 4
 
@@ -99,7 +101,7 @@ class Run:
 
 
 def make_world(scenario: Scenario) -> World:
-    base = Path(tempfile.mkdtemp(prefix="nm-crash-"))
+    base = Path(tempfile.mkdtemp(prefix="nm-crash-", dir=_SCRATCH))
     (base / "node_id").write_text("1\n")
     config = parse_config({
         "node": {"data_dir": str(base / "data"), "log_file": ""},

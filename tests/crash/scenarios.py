@@ -21,7 +21,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICrashSimKey{:022d} sim@test"
 
 
 def sliver(i: int, **changes: object) -> Sliver:
-    base = make_sliver(f"site_s{i}", slice_id=10 + i, keys=[KEY.format(i)],
+    base = make_sliver(f"site_s{i}", slice_id=10 + i, keys=[KEY.format(i)], initscript="#!/bin/sh\nsleep 1000\n",
                        attributes=[("nm_cpu_share", "2"), ("nm_memory_max", "65536"), ("nm_disk_quota", "10240")])
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -38,6 +38,11 @@ def publish_and_sync(slivers: list[Sliver]):  # noqa: ANN201 - a Step
 def sync(run: Run) -> None:
     run.sync()
     run.enforce()
+
+
+def later(run: Run) -> None:
+    """Past any retry backoff (at most 45 s after a first failure)."""
+    run.world.clock.advance(3600)
 
 
 def seed_foreign(world: World) -> None:
@@ -71,7 +76,16 @@ def scenarios(size: int = 2, seed: int = 0) -> list[Scenario]:
                                 lambda run: run.call("Start", base[0].name),
                                 lambda run: run.call("Stop", base[-1].name)]),
         Scenario("destroy", [publish_and_sync(base + [sliver(size)]), publish_and_sync(base)]),
-        Scenario("drift", [publish_and_sync(base), lambda run: _remove_behind(run, base[0]), sync]),
+        Scenario("drift", [publish_and_sync(base), lambda run: run.call("Stop", base[-1].name),
+                           lambda run: [_remove_behind(run, s) for s in base], sync]),
+        Scenario("failures", [
+            lambda run: run.world.host.fail_next("useradd"), publish_and_sync(base), later, sync,
+            lambda run: run.world.host.fail_next("atomic_write"), publish_and_sync(changed), later, sync,
+            lambda run: run.call("Stop", base[0].name),
+            lambda run: run.world.host.fail_next("atomic_write"), publish_and_sync(base),
+            lambda run: _remove_behind(run, base[0]), later, sync,
+            lambda run: run.world.host.fail_next("userdel"), publish_and_sync(base[1:]), later, sync,
+        ]),
         Scenario("loans", [publish_and_sync(base),
                            lambda run: run.call("SetLoans", base[0].name, [[base[-1].name, "nm_cpu_share", 1]]),
                            lambda run: run.enforce()]),
