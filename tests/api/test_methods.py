@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
+from nodemanager.api.deferred import Pending
 from nodemanager.api.faults import to_fault
 from nodemanager.api.identity import TRANSPORT_TCP, TRANSPORT_UNIX, PeerIdentity
 from nodemanager.api.methods import NodeManagerApi, caller_resolver, help_text
 from nodemanager.backends.hollow import FIRST_UID, HollowBackend
 from nodemanager.core.authz import METHODS, Caller
-from nodemanager.core.errors import BackendError, NodeManagerError, TicketRejected
+from nodemanager.core.errors import BackendError, NodeManagerError, TicketReason, TicketRejected
 from nodemanager.core.records import DELEGATED, NM_CONTROLLER, PLC_INSTANTIATED, Phase, Sliver
 from nodemanager.core.rspec import RESOURCES
 from nodemanager.operations import SliverOperations
@@ -37,9 +38,14 @@ CAP_KBPS = 100_000
 PLC, CTL, CTL2, DEL, OTHER = "site_plc", "site_ctl", "site_ctl2", "site_del", "site_other"
 
 
+#: Each test sliver's own slice id (the hollow backend derives the account's uid from it).
+SLICE_IDS: dict[str, int] = {}
+
+
 def record(name: str, instantiation: str, *, controller: str = "", keys: tuple[str, ...] = (),
            attributes: tuple[tuple[str, str], ...] = ()) -> Sliver:
-    return Sliver(name=name, slice_id=len(name), instantiation=instantiation, expires=2**31 - 1,
+    slice_id = SLICE_IDS.setdefault(name, len(SLICE_IDS) + 1)
+    return Sliver(name=name, slice_id=slice_id, instantiation=instantiation, expires=2**31 - 1,
                   timestamp=1, keys=keys, attributes=attributes, controller=controller)
 
 
@@ -61,8 +67,10 @@ class ScriptedBackend(HollowBackend):
         super().__init__()
         self.fail_start: str = ""
         self.hold_start: threading.Event | None = None
+        self.starting = threading.Event()  # set when a start begins
 
     def start(self, sliver: Sliver) -> None:
+        self.starting.set()
         if self.hold_start is not None:
             self.hold_start.wait(10)
         if self.fail_start:
@@ -293,7 +301,7 @@ class RecordingRedeemer:
     def redeem(self, ticket: str, caller: Caller) -> str:
         self.calls.append((ticket, caller))
         if self.reject:
-            raise TicketRejected(self.reject)
+            raise TicketRejected(TicketReason.EXPIRED, self.reject)
         return DEL
 
 
@@ -305,7 +313,7 @@ def test_ticket_with_redeemer(node: Node) -> None:
     assert node.fault("Ticket", 42, uid=0).faultCode == 102
     redeemer.reject = "ticket expired"
     fault = node.fault("Ticket", "<ticket/>", uid=0)
-    assert (fault.faultCode, fault.faultString) == (102, "ticket expired")
+    assert (fault.faultCode, fault.faultString) == (102, "expired: ticket expired")
     assert len(redeemer.calls) == 2
 
 
@@ -430,6 +438,39 @@ def test_concurrent_calls_for_one_sliver_all_answer(node: Node) -> None:
     for thread in threads:
         thread.join(10)
     assert results == [1] * 16
+
+
+@pytest.mark.parametrize("method", ["Create", "Destroy", "Start", "Stop"])
+def test_operations_are_deferred_for_the_server(node: Node, method: str) -> None:
+    """dispatch_deferred answers an operation with a Pending once the checks pass (and raises
+    as dispatch does when they fail); other methods answer at once."""
+    target = DEL if method in ("Create", "Destroy") else PLC
+    if method == "Destroy":
+        node.call("Create", DEL)
+    pending = node.api.dispatch_deferred(method, (target,), PeerIdentity(TRANSPORT_UNIX, 0))
+    assert isinstance(pending, Pending)
+    assert pending.what == f"{method}({target})" and pending.timeout == node.api.operation_timeout
+    assert pending.wait() == 1
+    with pytest.raises(NodeManagerError):
+        node.api.dispatch_deferred(method, (target,), PeerIdentity(TRANSPORT_UNIX, None))
+    assert node.api.dispatch_deferred("GetXIDs", (), PeerIdentity(TRANSPORT_UNIX, 0)) == node.call("GetXIDs")
+
+
+def test_alternating_start_and_stop_coalesce(node: Node) -> None:
+    """While one Start runs, any number of Start/Stop calls leave one operation pending: the
+    latest wins and every caller gets its outcome."""
+    node.backend.hold_start = threading.Event()
+    node.backend.starting.clear()
+    before = dict(node.backend.calls)
+    root = PeerIdentity(TRANSPORT_UNIX, 0)
+    first = node.api.dispatch_deferred("Start", (PLC,), root)
+    assert node.backend.starting.wait(10)  # the first Start is running (held)
+    later = [node.api.dispatch_deferred("Stop" if i % 2 else "Start", (PLC,), root) for i in range(1, 22)]
+    node.backend.hold_start.set()
+    assert [p.wait() for p in [first, *later]] == [1] * 22
+    ran = {kind: node.backend.calls[kind] - before.get(kind, 0) for kind in ("start", "stop")}
+    assert ran == {"start": 1, "stop": 1}  # the held Start, then only the latest (a Stop)
+    assert not node.backend.is_running(PLC)
 
 
 # --- loans (the basics; tests/api/test_loans.py has the rest) -------------------------------------

@@ -13,9 +13,13 @@ method can forget one:
 6. the method body runs.
 
 The API never calls a backend: Create, Destroy, Start and Stop enqueue work on the per-sliver
-workers and wait for its outcome (up to ``operation_timeout``), so an API call and the sync loop
-can never run two operations on one sliver at once. Every result is XML-RPC-safe: no None, string
-keys, integers within 32 bits.
+workers, so an API call and the sync loop can never run two operations on one sliver at once.
+They do not wait for it either: :meth:`NodeManagerApi.dispatch_deferred` answers them with a
+:class:`~.deferred.Pending` that the server awaits in its event loop (up to ``operation_timeout``)
+without holding a dispatch thread; :meth:`NodeManagerApi.dispatch` waits in the calling thread.
+Start and Stop of one sliver coalesce on the workers (a pending one is replaced by the latest,
+whose outcome every replaced caller receives), so alternating calls cost one operation, not a
+backlog. Every result is XML-RPC-safe: no None, string keys, integers within 32 bits.
 
 The method docstrings' first lines are the ``Help()`` text (:func:`help_text`).
 """
@@ -35,7 +39,6 @@ from ..core.errors import (
     InvalidLoans,
     NodeManagerError,
     NotAllowedForSliver,
-    OperationFailed,
     PermissionDenied,
     UnknownMethod,
     UnknownSliver,
@@ -45,13 +48,16 @@ from ..core.records import DELEGATED, NM_CONTROLLER, AccountState, Sliver, valid
 from ..core.rspec import MAX_VALUE, rspec_from_attributes, validate_loans
 from ..operations import SliverOperations
 from ..store import Store
-from ..workers import Completion, WorkerPool
+from ..workers import WorkerPool
+from .deferred import Pending, resolve
 from .identity import PeerIdentity
 
 logger = logging.getLogger(__name__)
 
 #: Largest integer an XML-RPC ``<int>`` carries (32-bit signed).
 XMLRPC_MAX_INT = 2**31 - 1
+#: Job kinds that replace each other while pending: the latest wanted run state wins.
+RUN_STATE_KINDS = frozenset({"start", "stop"})
 
 
 class TicketRedeemer(Protocol):
@@ -122,8 +128,9 @@ class NodeManagerApi:
     run after checks and authorization, with the resolved caller first and, for sliver methods,
     the sliver's record in place of its name.
 
-    Threads: ``dispatch`` is called from the server's request threads, concurrently; it blocks
-    while an operation runs on the workers.
+    Threads: ``dispatch`` and ``dispatch_deferred`` are called from the server's request
+    threads, concurrently; ``dispatch`` blocks while an operation runs on the workers,
+    ``dispatch_deferred`` never does (it answers a Pending instead).
     """
 
     def __init__(
@@ -150,7 +157,14 @@ class NodeManagerApi:
     # --- the dispatcher contract with the transport ----------------------------------------------
     def dispatch(self, method: str, params: tuple[Any, ...], peer: PeerIdentity) -> Any:
         """Run ``method`` with ``params`` for ``peer``; return the result or raise a
-        ``core.errors`` exception (the transport turns it into a Fault)."""
+        ``core.errors`` exception (the transport turns it into a Fault). An operation is waited
+        for in this thread, up to ``operation_timeout``."""
+        return resolve(self.dispatch_deferred(method, params, peer))
+
+    def dispatch_deferred(self, method: str, params: tuple[Any, ...], peer: PeerIdentity) -> Any:
+        """As :meth:`dispatch`, except that Create, Destroy, Start and Stop answer a
+        :class:`~.deferred.Pending` once their operation is queued (the checks are done; the
+        Pending carries the outcome). What the daemon's ``ApiServer`` calls."""
         spec = METHODS.get(method) if isinstance(method, str) else None
         if spec is None:
             shown = method[:64] if isinstance(method, str) else type(method).__name__
@@ -187,17 +201,11 @@ class NodeManagerApi:
             raise UnknownSliver(f"no sliver named {name!r} on this node")
         return record
 
-    def _wait(self, what: str, completion: Completion) -> None:
-        """Wait for a worker job; translate its outcome into the API's errors."""
-        try:
-            completion.wait(self.operation_timeout)
-        except TimeoutError:
-            if completion.done():  # the job itself raised it: not ours to reinterpret
-                raise
-            raise OperationFailed(
-                f"{what} is still in progress after {self.operation_timeout:g} s; "
-                "it continues in the background"
-            ) from None
+    def _pending(self, what: str, name: str, kind: str, run: Callable[[], Any],
+                 finish: Callable[[Any], Any], *, replaces: frozenset[str] = frozenset()) -> Pending:
+        """Queue ``run`` on sliver ``name``'s worker; the Pending answering the call."""
+        completion = self.pool.submit(name, kind, run, replaces=replaces)
+        return Pending(completion, what, self.operation_timeout, finish)
 
     # --- the methods (first docstring line = Help text) ----------------------------------------
     def Help(self, caller: Caller) -> str:  # noqa: N802 - XML-RPC method names are CamelCase
@@ -231,7 +239,7 @@ class NodeManagerApi:
         logger.info("sliver=%s event=ticket-redeemed uid=%s", name, caller.uid)
         return 1
 
-    def Create(self, caller: Caller, sliver: Sliver) -> int:  # noqa: N802
+    def Create(self, caller: Caller, sliver: Sliver) -> Pending:  # noqa: N802
         """Create the account of a delegated sliver (left stopped); returns 1 when done."""
         name = sliver.name
 
@@ -245,9 +253,11 @@ class NodeManagerApi:
             self._request_create(name)
             self.operations.ensure(current, start=False)
 
-        self._wait(f"Create({name})", self.pool.submit(name, "create", job))
-        logger.info("sliver=%s event=api-create uid=%s", name, caller.uid)
-        return 1
+        def created(_result: Any) -> int:
+            logger.info("sliver=%s event=api-create uid=%s", name, caller.uid)
+            return 1
+
+        return self._pending(f"Create({name})", name, "create", job, created)
 
     def _request_create(self, name: str) -> None:
         """Remember that the account was asked for: the plan keeps a delegated sliver's account
@@ -256,31 +266,31 @@ class NodeManagerApi:
         if not state.create_requested:
             self.store.put_account(replace(state, create_requested=True))
 
-    def Destroy(self, caller: Caller, sliver: Sliver) -> int:  # noqa: N802
+    def Destroy(self, caller: Caller, sliver: Sliver) -> Pending:  # noqa: N802
         """Remove a delegated sliver's account and forget the sliver; returns 1 when done."""
         name = sliver.name
         loans = self.store.loans()
         involved = name in loans or any(l.recipient == name for given in loans.values() for l in given)
-        job = self.pool.submit(name, "destroy", lambda: self.operations.destroy(name))
-        self._wait(f"Destroy({name})", job)
-        logger.info("sliver=%s event=api-destroy uid=%s", name, caller.uid)
-        if involved:  # the loans it gave or received no longer take effect
-            self._loans_changed(name)
-        return 1
 
-    def Start(self, caller: Caller, sliver: Sliver) -> int:  # noqa: N802
+        def destroyed(_result: Any) -> int:
+            logger.info("sliver=%s event=api-destroy uid=%s", name, caller.uid)
+            if involved:  # the loans it gave or received no longer take effect
+                self._loans_changed(name)
+            return 1
+
+        return self._pending(f"Destroy({name})", name, "destroy", lambda: self.operations.destroy(name), destroyed)
+
+    def Start(self, caller: Caller, sliver: Sliver) -> Pending:  # noqa: N802
         """Run the sliver's start scripts (its account must exist); returns 1 when done."""
         name = sliver.name
-        job = self.pool.submit(name, "start", lambda: self.operations.start(name))
-        self._wait(f"Start({name})", job)
-        return 1
+        return self._pending(f"Start({name})", name, "start", lambda: self.operations.start(name), _one,
+                             replaces=RUN_STATE_KINDS)
 
-    def Stop(self, caller: Caller, sliver: Sliver) -> int:  # noqa: N802
+    def Stop(self, caller: Caller, sliver: Sliver) -> Pending:  # noqa: N802
         """End every process of the sliver; returns 1 when done."""
         name = sliver.name
-        job = self.pool.submit(name, "stop", lambda: self.operations.stop(name))
-        self._wait(f"Stop({name})", job)
-        return 1
+        return self._pending(f"Stop({name})", name, "stop", lambda: self.operations.stop(name), _one,
+                             replaces=RUN_STATE_KINDS)
 
     def GetRSpec(self, caller: Caller, sliver: Sliver) -> dict[str, int]:  # noqa: N802
         """Return the sliver's resources as its authority or ticket set them (name -> int)."""
@@ -314,6 +324,11 @@ class NodeManagerApi:
             self.on_loans_changed()
         except Exception:
             logger.exception("sliver=%s event=loans-hook-failed", name)
+
+
+def _one(_result: Any) -> int:
+    """The answer of an operation that succeeded: 1, as the original answered."""
+    return 1
 
 
 def help_text() -> str:

@@ -4,8 +4,10 @@ Why not the stdlib ``SimpleXMLRPCServer`` the original used: a thread per connec
 3,700 calls/s at 16 clients on this project's machines, it reads whatever Content-Length says with
 no cap and no timeout, and it needs four patches to run on a Unix socket at all. Here one asyncio
 event loop (uvloop when importable) in ONE background thread does all the socket I/O, and the
-methods run in a bounded thread pool because they may block for seconds on the per-sliver
-workers. The daemon stays synchronous: it calls :meth:`ApiServer.start` and :meth:`ApiServer.stop`.
+methods run in a bounded thread pool because they may block (the store, a ticket's signature);
+an operation on the per-sliver workers is awaited in the loop instead, holding no thread
+(:mod:`.calls`). The daemon stays synchronous: it calls :meth:`ApiServer.start` and
+:meth:`ApiServer.stop`.
 
 HTTP, written here on asyncio streams because the subset needed is small (framing rules in
 :func:`.wire.parse_head`):
@@ -17,14 +19,21 @@ HTTP, written here on asyncio streams because the subset needed is small (framin
 - keep-alive for HTTP/1.1 (unless ``Connection: close``) and HTTP/1.0 with ``Connection:
   keep-alive``; an idle keep-alive connection is closed after ``read_timeout``;
 - at most ``max_connections`` open connections: one beyond that is answered 503 and closed at
-  once (not queued), so an overload is visible to the client instead of a silent stall;
+  once (not queued), so an overload is visible to the client instead of a silent stall; the same
+  for one beyond its caller's own cap (:mod:`.fairness`);
 - every well-framed POST is answered ``200 text/xml`` with a result or a Fault (a malformed body
   is Fault 102 and the connection stays usable); a framing error is answered with its HTTP status
   and the connection closed.
 
-Caller identity is computed once per connection from the kernel (:mod:`.peercred`). A TCP peer
+Caller identity is computed once per connection from the kernel (:mod:`.peercred`), in the
+accept callback itself -- before anything is read, while an honest peer is certainly connected --
+and kept for the connection: a peer that closes first has no identity, never root's. A TCP peer
 whose address is not loopback is refused (connection closed at once) unless the configured host
 itself is not loopback; such peers then have no identity.
+
+Fairness (:mod:`.fairness`): per caller, a cap on open connections and on calls in flight (a
+deferred operation keeps its call's slot until answered); a call over the latter waits in the
+loop, not in a thread, so one sliver cannot take every dispatch thread.
 """
 
 from __future__ import annotations
@@ -33,26 +42,22 @@ import asyncio
 import logging
 import socket
 import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from ..core.errors import ConfigError, OperationFailed
-from .faults import to_fault
+from .calls import CallRunner, Dispatch, OnRequest
+from .dispatchpool import DispatchPool
+from .fairness import MAX_CALLS_PER_UID, MAX_CONNECTIONS_PER_UID, CallerLimits
 from .identity import TRANSPORT_TCP, TRANSPORT_UNIX, PeerIdentity
 from .listeners import TcpAddress, bind_tcp, bind_unix, parse_tcp_address, remove_unix_socket
 from .peercred import is_loopback, tcp_peer, unix_peer
 from .wire import (
     MAX_HEAD_BYTES,
     HttpError,
-    dump_fault,
-    dump_response,
     error_response,
     parse_head,
-    parse_request,
     response_head,
 )
 
@@ -64,11 +69,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["ApiServer", "Dispatch", "OnRequest", "TcpAddress", "parse_tcp_address"]
 
 logger = logging.getLogger(__name__)
-
-#: ``dispatch(method, params, peer) -> result``; raises core.errors exceptions. Runs in a pool thread.
-Dispatch = Callable[[str, tuple[Any, ...], PeerIdentity], Any]
-#: ``on_request(method, fault_code or None, seconds)``; called from a pool thread after each call.
-OnRequest = Callable[[str, int | None, float], None]
 
 STOP_GRACE_SECONDS = 5.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -100,9 +100,13 @@ class ApiServer:
         max_connections: int = 512,
         dispatch_threads: int = 16,
         on_request: OnRequest | None = None,
+        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
+        max_calls_per_uid: int = MAX_CALLS_PER_UID,
     ) -> None:
-        """Check the settings (ConfigError); nothing is bound until :meth:`start`."""
-        if max_request_bytes < 1 or read_timeout <= 0 or max_connections < 1 or dispatch_threads < 1:
+        """Check the settings (ConfigError); nothing is bound until :meth:`start`. The per-uid
+        caps default to :mod:`.fairness`'s constants (they are not configuration keys)."""
+        limits = (max_connections, dispatch_threads, max_connections_per_uid, max_calls_per_uid)
+        if max_request_bytes < 1 or read_timeout <= 0 or min(limits) < 1:
             raise ConfigError("API server limits must be positive")
         self._dispatch = dispatch
         self._tcp = parse_tcp_address(tcp)
@@ -112,22 +116,20 @@ class ApiServer:
         self._max_connections = max_connections
         self._dispatch_threads = dispatch_threads
         self._on_request = on_request
+        self._limits = CallerLimits(max_connections=max_connections_per_uid, max_calls=max_calls_per_uid)
         self._backlog = max(128, min(max_connections, 4096))
         self._tcp_sock: socket.socket | None = None
         self._unix_sock: socket.socket | None = None
         self._unix_ident: tuple[int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._calls: CallRunner | None = None
         self._listening: list[socket.socket] = []
         # Connection tasks -> the raw socket they have not yet taken ownership of (then None).
         self._tasks: dict[asyncio.Task[Any], socket.socket | None] = {}
         self._connections: set[_Connection] = set()
         self._closing = False
         self._started = False
-        self._finished_lock = threading.Lock()
-        self._finished: list[tuple[asyncio.Future[bytes], bytes | BaseException]] = []
-        self._wake_pending = False
 
     # --- public surface -------------------------------------------------------------------
     @property
@@ -153,8 +155,10 @@ class ApiServer:
                 self._tcp_sock = bind_tcp(self._tcp, self._backlog)
             if self._unix is not None:
                 self._unix_sock, self._unix_ident = bind_unix(self._unix, self._backlog)
-            self._executor = ThreadPoolExecutor(self._dispatch_threads, thread_name_prefix="nm-api")
             self._loop = _uvloop.new_event_loop() if _uvloop is not None else asyncio.new_event_loop()
+            self._calls = CallRunner(
+                self._dispatch, DispatchPool(self._dispatch_threads, self._loop), self._on_request
+            )
             outcome: list[BaseException | None] = []
             started = threading.Event()
             self._thread = threading.Thread(
@@ -239,7 +243,11 @@ class ApiServer:
                 loop.call_later(0.1, self._resume_accepting, listener, transport)
                 return
             conn.setblocking(False)
-            task = loop.create_task(self._accepted(conn, transport))
+            peer = self._identify(conn, transport)  # now: before the peer can have gone
+            if peer is None:
+                conn.close()
+                continue
+            task = loop.create_task(self._accepted(conn, transport, peer))
             self._tasks[task] = conn
             task.add_done_callback(self._forget)
 
@@ -252,7 +260,7 @@ class ApiServer:
         if conn is not None:
             conn.close()  # cancelled before it could take ownership of the socket
 
-    async def _accepted(self, conn: socket.socket, transport: str) -> None:
+    async def _accepted(self, conn: socket.socket, transport: str, peer: PeerIdentity) -> None:
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
         if me is not None:
@@ -268,7 +276,7 @@ class ApiServer:
         except BaseException:
             conn.close()
             raise
-        await self._connection(reader, asyncio.StreamWriter(stream, protocol, reader, loop), transport)
+        await self._connection(reader, asyncio.StreamWriter(stream, protocol, reader, loop), transport, peer)
 
     async def _shutdown(self, grace: float) -> None:
         """Stop accepting; close idle connections; wait for the others up to ``grace``, then
@@ -292,33 +300,44 @@ class ApiServer:
                 break
             await asyncio.wait(set(self._tasks), timeout=0.05)
 
-    def _identify(self, writer: asyncio.StreamWriter, transport: str) -> PeerIdentity | None:
-        """The caller's identity, or None when the connection must be refused."""
+    def _identify(self, conn: socket.socket, transport: str) -> PeerIdentity | None:
+        """The identity of the peer of a just-accepted socket, or None when the connection
+        must be refused. Any doubt gives no identity, never a guessed one."""
         try:
             if transport == TRANSPORT_UNIX:
-                return unix_peer(writer.get_extra_info("socket"))
-            remote = writer.get_extra_info("peername")
+                return unix_peer(conn)
+            remote = conn.getpeername()
             if not is_loopback(remote) and self._tcp is not None and self._tcp.loopback:
                 logger.warning("event=api-refused reason=non-loopback-peer peer=%s", remote[0])
                 return None
-            return tcp_peer(writer.get_extra_info("sockname"), remote)
+            return tcp_peer(conn.getsockname(), remote, connection=conn)
         except (OSError, ValueError, TypeError, IndexError) as exc:
             logger.warning("event=api-identity-unknown transport=%s error=%s", transport, exc)
             return PeerIdentity(transport, None)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str) -> None:
-        if self._closing or len(self._connections) >= self._max_connections:
-            if self._closing:
-                message = "the node manager is stopping; retry later"
-            else:
-                message = "too many connections; retry later"
-                logger.warning("event=api-refused reason=connection-limit limit=%d", self._max_connections)
-            writer.write(error_response(HttpError(503, message)))
+    def _refusal(self, peer: PeerIdentity) -> str | None:
+        """Why a new connection is refused (503), or None when it is admitted -- and then
+        counted against its caller's cap until :meth:`_connection` releases it."""
+        if self._closing:
+            return "the node manager is stopping; retry later"
+        if len(self._connections) >= self._max_connections:
+            logger.warning("event=api-refused reason=connection-limit limit=%d", self._max_connections)
+            return "too many connections; retry later"
+        if not self._limits.admit(peer.uid):
+            logger.warning(
+                "event=api-refused reason=caller-connection-limit uid=%s limit=%d",
+                peer.uid, self._limits.max_connections,
+            )
+            return "too many connections from this caller; retry later"
+        return None
+
+    async def _connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str, peer: PeerIdentity
+    ) -> None:
+        refusal = self._refusal(peer)
+        if refusal is not None:
+            writer.write(error_response(HttpError(503, refusal)))
             writer.close()
-            return
-        peer = self._identify(writer, transport)
-        if peer is None:
-            writer.transport.abort()
             return
         conn = _Connection(writer)
         self._connections.add(conn)
@@ -333,6 +352,7 @@ class ApiServer:
             logger.exception("event=api-connection-error transport=%s", transport)
         finally:
             self._connections.discard(conn)
+            self._limits.release(peer.uid)
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()  # the client is not reading: do not keep its data
             else:
@@ -341,8 +361,10 @@ class ApiServer:
     async def _serve_requests(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerIdentity, conn: _Connection
     ) -> None:
-        loop = asyncio.get_running_loop()
         timeout = self._read_timeout
+        calls = self._calls
+        assert calls is not None
+        slots = self._limits.call_slots(peer.uid)
         while not self._closing:
             conn.idle = True
             try:
@@ -358,7 +380,11 @@ class ApiServer:
                 writer.write(_CONTINUE)
             async with asyncio.timeout(timeout):
                 body = await reader.readexactly(request.content_length)
-            payload = await self._in_pool(loop, body, peer)
+            if slots is None:
+                payload = await calls.answer(body, peer)
+            else:
+                async with slots:  # over the caller's cap: wait here, holding no thread
+                    payload = await calls.answer(body, peer)
             keep_alive = request.keep_alive and not self._closing
             writer.write(
                 response_head(200, len(payload), content_type=b"text/xml", keep_alive=keep_alive, http11=request.http11)
@@ -370,76 +396,15 @@ class ApiServer:
             if not keep_alive:
                 return
 
-    def _in_pool(self, loop: asyncio.AbstractEventLoop, body: bytes, peer: PeerIdentity) -> asyncio.Future[bytes]:
-        """Run :meth:`_call` in the bounded pool; a future of the loop resolved with its answer.
-
-        Not ``loop.run_in_executor``: results are handed back in batches, one loop wake-up for
-        all the answers finished meanwhile, which halves the per-call cost under load."""
-        future: asyncio.Future[bytes] = loop.create_future()
-        assert self._executor is not None
-        self._executor.submit(self._call_and_hand_back, loop, future, body, peer)
-        return future
-
-    def _call_and_hand_back(
-        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[bytes], body: bytes, peer: PeerIdentity
-    ) -> None:
-        try:
-            outcome: bytes | BaseException = self._call(body, peer)
-        except BaseException as exc:  # noqa: BLE001 - delivered to the connection's task
-            outcome = exc
-        with self._finished_lock:
-            self._finished.append((future, outcome))
-            wake = not self._wake_pending
-            self._wake_pending = True
-        if wake:
-            try:
-                loop.call_soon_threadsafe(self._hand_back)
-            except RuntimeError:  # the loop is closed: the connection is gone anyway
-                pass
-
-    def _hand_back(self) -> None:
-        with self._finished_lock:
-            finished, self._finished = self._finished, []
-            self._wake_pending = False
-        for future, outcome in finished:
-            if future.done():
-                continue  # the connection was cancelled meanwhile
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-    # --- pool threads ---------------------------------------------------------------------
-    def _call(self, body: bytes, peer: PeerIdentity) -> bytes:
-        """Parse, dispatch and serialise one request: the response body, a result or a Fault."""
-        started = time.perf_counter()
-        method = "?"
-        code: int | None = None
-        try:
-            method, params = parse_request(body)
-            payload = dump_response(self._dispatch(method, params, peer))
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a Fault (faults.to_fault)
-            fault = to_fault(exc, method=method)
-            code = fault.faultCode
-            payload = dump_fault(fault)
-        elapsed = time.perf_counter() - started
-        logger.debug("event=api-call method=%s uid=%s fault=%s seconds=%.6f", method, peer.uid, code, elapsed)
-        if self._on_request is not None:
-            try:
-                self._on_request(method, code, elapsed)
-            except Exception:  # a metrics hook must not break the call
-                logger.exception("event=api-on-request-error")
-        return payload
-
     # --- cleanup ----------------------------------------------------------------------------
     def _release(self) -> None:
         """Close listeners, drop the executor, remove our socket file (same inode only)."""
         for sock in (self._tcp_sock, self._unix_sock):
             if sock is not None:
                 sock.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if self._calls is not None:
+            self._calls.shutdown()
+            self._calls = None
         if self._unix is not None and self._unix_ident is not None:
             remove_unix_socket(self._unix, self._unix_ident)
             self._unix_ident = None
