@@ -163,7 +163,7 @@ def build_node(
     )
     server = None
     if config.api.tcp or config.api.unix_socket:
-        server = ApiServer(api.dispatch, tcp=config.api.tcp, unix_socket=config.api.unix_socket,
+        server = ApiServer(api.dispatch_deferred, tcp=config.api.tcp, unix_socket=config.api.unix_socket,
                            max_request_bytes=config.api.max_request_bytes, on_request=metrics.api_request)
     return Node(config=config, datadir=datadir, store=store, host=host, backend=backend, cap=cap,
                 enforcement=enforcement, enforcement_loop=loop, operations=operations, pool=pool,
