@@ -22,8 +22,9 @@ def main() -> int:
     runs.append([str(HERE / "api_bench.py")])
     if os.geteuid() == 0:
         runs.append([str(HERE / "accounts_bench.py")])
+        runs.append([str(HERE / "placement_bench.py")])
     else:
-        print("# accounts benchmark skipped: needs root (real accounts)", flush=True)
+        print("# accounts and placement benchmarks skipped: need root (real accounts, cgroups)", flush=True)
     for argv in runs:
         failed |= subprocess.run([sys.executable, *argv], env=env, check=False).returncode
     return 1 if failed else 0

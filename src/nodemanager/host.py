@@ -16,8 +16,10 @@ The dangerous parts:
   it there, e.g. ``/home -> /srv/home``); any other link is refused, and a link in the final
   position is replaced, never written through. That code lives in :mod:`nodemanager.hostfiles`
   (:class:`~nodemanager.hostfiles.LinkSafeFiles`, which ``Host`` inherits).
-* Processes are signalled by pid after a ``/proc`` scan; zombies are skipped (they cannot be
-  killed and would keep a stop loop spinning), and pid 0/1 are never signalled.
+* Processes are found by a ``/proc`` scan and signalled through pidfds after checking they are
+  still the process meant (:mod:`nodemanager.hostprocs`), so a reused pid is never hit; zombies
+  are skipped (they cannot be killed and would keep a stop loop spinning), and pid 0/1 are never
+  signalled.
 * Detached programs are started through util-linux ``setsid --fork`` after privileges are dropped,
   so the daemon never becomes their parent: it has nothing to reap and restarting it leaves
   sliver processes alone.
@@ -33,13 +35,14 @@ import pwd
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .core.errors import BackendError
 from .hostfiles import READ_LIMIT, FileInfo, LinkSafeFiles
 from .hostfiles import describe_oserror as _describe
+from .hostprocs import ProcEventChannel, process_ids, signal_through_pidfd
 
 __all__ = [
     "COMMAND_ENV",
@@ -237,16 +240,43 @@ class Host(LinkSafeFiles):
             pids.sort()
         return found
 
-    def kill(self, pid: int, sig: int) -> None:
-        """Send ``sig`` to ``pid``; a process that is already gone is success."""
+    def kill(self, pid: int, sig: int, *, uid: int | None = None) -> None:
+        """Send ``sig`` to ``pid`` through a pidfd; a process that is already gone is success.
+        With ``uid``, only if the process is still one of ``uid`` (see :meth:`signal_pids`)."""
         if pid <= 1:
             raise BackendError(f"refusing to signal pid {pid}")
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-        except OSError as exc:
-            raise BackendError(f"cannot signal pid {pid}: {_describe(exc)}") from exc
+        self.signal_pids([pid], sig, uid=uid)
+
+    def signal_pids(self, pids: Iterable[int], sig: int, *, uid: int | None = None,
+                    check: Callable[[int], bool] | None = None) -> int:
+        """Send ``sig`` to each of ``pids`` that is still the process the caller means; returns
+        how many were signalled.
+
+        Each process is opened as a pidfd first and signalled through it, so a pid that was
+        reused since the caller read it is never hit: with ``uid``, only a live, non-zombie
+        process whose real or effective uid is ``uid`` is signalled; with ``check`` (called
+        with the pid once it is open, e.g. to read its cgroup), only one it accepts. pid 0/1
+        and this process are never signalled. Gone processes are skipped silently."""
+        own, sent = os.getpid(), 0
+        wanted = None if uid is None else str(uid)
+
+        def accept(pid: int) -> bool:
+            if wanted is not None:
+                found = process_ids(pid)
+                if found is None or found[0] in ("Z", "X") or wanted not in found[1]:
+                    return False
+            return check is None or check(pid)
+
+        for pid in pids:
+            if pid > 1 and pid != own:
+                sent += signal_through_pidfd(pid, sig, accept if (uid is not None or check) else None)
+        return sent
+
+    def open_proc_events(self) -> ProcEventChannel:
+        """A netlink channel to the kernel's process events (see :mod:`nodemanager.hostprocs`).
+        Raises ``BackendError`` saying why when this process may not listen (no CAP_NET_ADMIN,
+        not the initial network namespace, no connector in the kernel)."""
+        return ProcEventChannel.open()
 
 
     def spawn_detached(

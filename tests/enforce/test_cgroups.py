@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
-from nodemanager.enforce.cgroups import (
-    CgroupTree,
-    CpuEnforcer,
-    Hierarchy,
-    MemoryEnforcer,
-    parse_mounts,
-)
+from nodemanager.enforce.cgroups import CgroupTree, Hierarchy, parse_mounts
+from nodemanager.enforce.limits import CpuEnforcer, MemoryEnforcer
+from nodemanager.enforce.tasks import sweep
 from nodemanager.testing.fakehost import FakeHost
 
 V1_CPU = Hierarchy(Path("/cg/cpu"), 1, frozenset({"cpu"}))
@@ -86,14 +81,14 @@ def test_v2_enables_controllers_and_writes_weights() -> None:
     assert CpuEnforcer(tree).observed()["g"]["nm_cpu_guaranteed_share"] >= 500
 
 
-def test_stray_groups_are_removed_only_when_empty() -> None:
+def test_apply_leaves_groups_of_absent_slivers_to_the_sweep() -> None:
     host = FakeHost()
     tree = CgroupTree(host, hierarchies=[V1_CPU], controllers=("cpu",))
     CpuEnforcer(tree).apply({"a": {}, "b": {}}, {})
-    host.write_text(Path("/cg/cpu/nodemanager/b/cgroup.procs"), "4242\n")
-    CpuEnforcer(tree).apply({}, {})
-    assert Path("/cg/cpu/nodemanager/a") not in host.dirs
-    assert Path("/cg/cpu/nodemanager/b") in host.dirs
+    CpuEnforcer(tree).apply({}, {})  # "a" may be a sliver being created: apply never removes
+    assert Path("/cg/cpu/nodemanager/a") in host.dirs and Path("/cg/cpu/nodemanager/b") in host.dirs
+    assert sweep(tree, {"b"}) == ["a"]
+    assert Path("/cg/cpu/nodemanager/a") not in host.dirs and Path("/cg/cpu/nodemanager/b") in host.dirs
 
 
 def test_place_moves_only_processes_not_already_there() -> None:
@@ -110,23 +105,28 @@ def test_place_moves_only_processes_not_already_there() -> None:
     assert foreign not in [int(v) for _, v in writes(host)]
 
 
-def test_kill_and_remove_kills_until_empty_then_removes() -> None:
+def test_kill_and_remove_kills_through_the_cgroup_then_removes() -> None:
     host = FakeHost()
     tree = CgroupTree(host, hierarchies=[V1_CPU, V2_BARE], controllers=("cpu",), group="nm")
     CpuEnforcer(tree).apply({"a": {}}, {})
     pid = host.add_process(1001)
-    procs = Path("/cg/cpu/nm/a/cgroup.procs")
-    host.write_text(procs, f"{pid}\n")
+    procs = [Path("/cg/cpu/nm/a/cgroup.procs"), Path("/cg/unified/nm/a/cgroup.procs")]
+    for f in procs:
+        host.write_text(f, f"{pid}\n")
     host.write_text(Path("/cg/unified/nm/a/cgroup.kill"), "")
-    original_kill = host.kill
+    original_write = host.write_text
 
-    def kill(p: int, sig: int) -> None:
-        original_kill(p, sig)
-        host.write_text(procs, "")
+    def write_text(path: Path, text: str) -> None:
+        original_write(path, text)
+        if path.name == "cgroup.kill":  # the kernel empties the group
+            host.processes.pop(pid, None)
+            for f in procs:
+                original_write(f, "")
 
-    host.kill = kill  # type: ignore[method-assign]
+    host.write_text = write_text  # type: ignore[method-assign]
     CpuEnforcer(tree).remove("a", 1001)
     assert (Path("/cg/unified/nm/a/cgroup.kill"), "1") in writes(host)
-    assert ("kill", pid, signal.SIGKILL) in host.calls
+    assert host.method_calls("signal_pids") == []  # no racing a fork loop pid by pid
     assert not any(p.parent.name == "nm" and p.name == "a" for p in host.dirs)
     CpuEnforcer(tree).remove("a", 1001)  # idempotent
+

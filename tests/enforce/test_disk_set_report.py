@@ -56,7 +56,8 @@ def test_disabled_mechanisms_are_reported_not_ignored(host) -> None:  # type: ig
     enforcement = EnforcementSet.from_config(config(cpu=False, memory=False, bandwidth=False, disk=False), host)
     enforcement.probe()
     assert enforcement.enforcers == []
-    assert len(enforcement.problems()) == 4 and all("not enforced" in p for p in enforcement.problems())
+    assert len(enforcement.problems()) == 5 and all("not enforced" in p for p in enforcement.problems())
+    assert enforcement.problems()[-1].startswith("pids: not enforced")  # it comes with the cgroups
     assert enforcement.place_processes({"a": 1001}) == 0 and enforcement.cgroups("a") == []
 
 

@@ -117,8 +117,9 @@ def test_sync_loans_and_removal_drive_the_kernel(manager, capsys: pytest.Capture
         (cpu_value(nm, "site_a"), cpu_value(nm, "site_b"))
     assert wait_for(lambda: tc_classes(VETH).count("class htb") >= 4), tc_classes(VETH)
     assert "8Mbit" in tc_classes(VETH)
-    rules = run("nft", "list", "table", "inet", TABLE).stdout
-    assert str(uid_a) in rules
+    # one pass writes the tc batch, then the nft batch: wait for the rules too
+    assert wait_for(lambda: str(uid_a) in run("nft", "list", "table", "inet", TABLE).stdout), \
+        run("nft", "list", "table", "inet", TABLE).stdout
 
     # A loan through the API: enforcement follows within seconds, and agrees with the API.
     with local_proxy(str(nm.config.api.unix_socket)) as api:

@@ -5,6 +5,11 @@ run through the :class:`~nodemanager.host.Host` seam only (``pids_of_uid``, ``ki
 ``monotonic``, ``sleep``), so a ``FakeHost`` with a manual clock drives it in tests. Processes
 appearing while it runs (a forking sliver) are caught by the next scan; zombies are not listed by
 the host, so they never keep a round going.
+
+This is the fallback for machines where the sliver has no cgroups (``AccountHooks.stop_processes``
+returns False): it races a fork loop, which the cgroup path (``enforce.tasks``) never does.
+Signals go through pidfds with the uid checked once the process is open, so a pid that was
+reused by another user's process between the scan and the signal is never hit.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def stop_processes(host: Host, uid: int, grace: float) -> StopOutcome | None:
     termed: set[int] = set()
     deadline = host.monotonic() + grace
     while pids:
-        _signal_all(host, [p for p in pids if p not in termed], signal.SIGTERM)
+        _signal_all(host, uid, [p for p in pids if p not in termed], signal.SIGTERM)
         termed.update(pids)
         remaining = deadline - host.monotonic()
         if remaining <= 0:
@@ -59,12 +64,12 @@ def stop_processes(host: Host, uid: int, grace: float) -> StopOutcome | None:
                 f"{len(pids)} process(es) of uid {uid} survived {KILL_ROUNDS} rounds of SIGKILL"
             )
         rounds += 1
-        _signal_all(host, pids, signal.SIGKILL)
+        _signal_all(host, uid, pids, signal.SIGKILL)
         host.sleep(KILL_PAUSE)
         pids = host.pids_of_uid(uid)
     return StopOutcome(len(termed), rounds)
 
 
-def _signal_all(host: Host, pids: Sequence[int], sig: int) -> None:
+def _signal_all(host: Host, uid: int, pids: Sequence[int], sig: int) -> None:
     for pid in pids:
-        host.kill(pid, sig)
+        host.kill(pid, sig, uid=uid)

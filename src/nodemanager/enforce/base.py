@@ -9,6 +9,13 @@ and changes only the difference, in one batch where the tool allows it (``tc -ba
 
 Every method is called from one thread at a time (the daemon's enforcement loop); none of them
 may be called concurrently with another method of the same enforcer.
+
+Incremental passes (``EnforcementSet.apply_changes``): an enforcer is called only when one of the
+resources it enforces (``enforce.changes.RESOURCES_OF``) changed for some sliver, or a sliver came
+or went. The cgroup enforcers (``enforce.limits``) also offer ``apply_some(rspecs, names)``,
+writing only the named slivers; the others get the full ``apply``. Groups of slivers that are gone
+are removed by the sweep (``EnforcementSet.sweep``), not by ``apply``: a sliver being created has
+its groups before it is in ``rspecs``.
 """
 
 from __future__ import annotations

@@ -1,47 +1,40 @@
-"""CPU and memory enforcement through cgroupfs, on cgroup v1, v2, or a hybrid of both.
+"""The slivers' cgroups on cgroup v1, v2, or a hybrid of both: where they live and what can be
+done to them. The limits written into them are ``enforce.limits``; stopping a sliver through
+them is ``enforce.tasks``; joining them at once on a uid change is ``enforce.placement``.
 
 Driver choice, per controller: v2 when the controller is listed in the cgroup2 mount's
 ``cgroup.controllers``; else the v1 hierarchy mounted with that controller; else the controller
-is unavailable (``available()`` says why). Whatever drives the controllers, a cgroup2 mount (even
-one with no controllers, as on hybrid hosts) is also used to *track* a sliver's processes, because
-its ``cgroup.kill`` ends a forking sliver at once; without one, the controllers' own groups are
-emptied by repeated SIGKILL.
+is unavailable (``missing()`` says why). The freezer is special: v2 has it in every group
+(``cgroup.freeze``), so only a v1 ``freezer`` hierarchy is added to the tree. Whatever drives
+the controllers, a cgroup2 mount (even one with no controllers, as on hybrid hosts) is also used
+to *track* a sliver's processes, because its ``cgroup.kill`` ends a forking sliver at once.
 
 Layout: one parent group (``nodemanager``) at the top of each hierarchy used, one child per
-sliver named by the sliver. On v2 the parent holds no process and has ``+cpu``/``+memory`` in its
+sliver named by its account. On v2 the parent holds no process and has our controllers in its
 ``cgroup.subtree_control``.
 
-Placement (the PAM-free login mechanism): :meth:`CgroupTree.place` moves every process of each
-sliver's uid into the sliver's groups; the daemon calls it every few seconds, so an SSH login
-(sshd forks the session as the sliver's uid) or anything not started by Start lands in the
-sliver's cgroup within one sweep, with no PAM module and no ForceCommand. Programs started by
-Start join at once through ``Host.spawn_detached(cgroups=tree.dirs(name))``.
-
-Weights and limits: ``core.allocation.cpu_weights`` (v1 ``cpu.shares = 1024 x share``, v2
-``cpu.weight = 100 x share``, raised for guarantees); memory: v1 ``memory.limit_in_bytes``, v2
-``memory.max``; 0 KiB = unlimited. The kernel's OOM killer then acts inside the sliver's group.
+Placement sweep: :meth:`CgroupTree.place` moves every process of each sliver's uid into the
+sliver's groups. Since the process-event listener places a login the moment its uid changes,
+this periodic sweep is only the safety net (for events the kernel dropped, or machines where
+the connector cannot be used). Programs started by Start join at once through
+``Host.spawn_detached(cgroups=tree.dirs(name))``.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.allocation import V1_WEIGHTS, V2_WEIGHTS, WeightScale, cpu_weights
 from ..core.errors import BackendError
 from ..host import Host
-from .base import RSpecs
 
 log = logging.getLogger(__name__)
 
 MOUNTS = Path("/proc/self/mounts")
-#: v1 reads an unlimited memory limit back as a huge number (PAGE_COUNTER_MAX pages).
-_V1_UNLIMITED = 1 << 62
-#: How long ``remove`` keeps killing a sliver's processes before giving up.
-KILL_TIMEOUT = 5.0
+#: How long removing a group is retried: a just-killed group stays busy until its tasks are gone.
+RMDIR_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,20 +75,32 @@ def detect_hierarchies(host: Host) -> list[Hierarchy]:
 
 class CgroupTree:
     """The sliver groups of the controllers in ``controllers``, in whatever hierarchies drive
-    them, plus the tracking hierarchy. Shared by the CPU and memory enforcers."""
+    them, plus the tracking hierarchy. Shared by the cpu, memory and pids enforcers, the stop
+    procedure and the placement listener. The hierarchies are read on first use, not when the
+    tree is built (building a node touches nothing). Any thread."""
 
     def __init__(self, host: Host, controllers: Iterable[str] = ("cpu", "memory"), *,
                  group: str = "nodemanager", hierarchies: list[Hierarchy] | None = None) -> None:
         self.host = host
         self.group = group
         self.controllers = tuple(controllers)
-        self.hierarchies = detect_hierarchies(host) if hierarchies is None else hierarchies
-        self._v2 = next((h for h in self.hierarchies if h.version == 2), None)
+        self._hierarchies = hierarchies
+
+    @property
+    def hierarchies(self) -> list[Hierarchy]:
+        if self._hierarchies is None:
+            self._hierarchies = detect_hierarchies(self.host)
+        return self._hierarchies
 
     # --- where things live ----------------------------------------------------------------
+    @property
+    def v2(self) -> Hierarchy | None:
+        return next((h for h in self.hierarchies if h.version == 2), None)
+
     def hierarchy_for(self, controller: str) -> Hierarchy | None:
-        if self._v2 is not None and controller in self._v2.controllers:
-            return self._v2
+        v2 = self.v2
+        if v2 is not None and controller in v2.controllers:
+            return v2
         return next((h for h in self.hierarchies if h.version == 1 and controller in h.controllers), None)
 
     def missing(self, controller: str) -> str | None:
@@ -107,10 +112,9 @@ class CgroupTree:
         return None
 
     def used(self) -> list[Hierarchy]:
-        """Distinct hierarchies in use: the controllers' and the tracking one, v2 first."""
+        """Distinct hierarchies in use: the tracking one (v2) first, then the controllers'."""
         result: list[Hierarchy] = []
-        candidates = [self._v2] + [self.hierarchy_for(c) for c in self.controllers]
-        for h in candidates:
+        for h in [self.v2] + [self.hierarchy_for(c) for c in self.controllers]:
             if h is not None and h not in result:
                 result.append(h)
         return result
@@ -121,6 +125,13 @@ class CgroupTree:
     def dirs(self, name: str) -> list[Path]:
         """The sliver's group in every hierarchy used: what ``spawn_detached(cgroups=...)`` joins."""
         return [self.parent(h) / name for h in self.used()]
+
+    def existing(self, name: str) -> list[tuple[Hierarchy, Path]]:
+        """The sliver's groups that exist now."""
+        return [(h, d) for h in self.used() if self.host.stat_file(d := self.parent(h) / name) is not None]
+
+    def children(self, h: Hierarchy) -> list[str]:
+        return self.host.list_dirs(self.parent(h))
 
     # --- setting up -----------------------------------------------------------------------
     def ensure_parents(self) -> None:
@@ -138,12 +149,9 @@ class CgroupTree:
         if todo:
             self.host.write_text(where / "cgroup.subtree_control", " ".join(f"+{c}" for c in todo))
 
-    def ensure(self, name: str, hierarchies: Iterable[Hierarchy]) -> None:
-        for h in hierarchies:
+    def ensure(self, name: str, hierarchies: Iterable[Hierarchy] | None = None) -> None:
+        for h in self.used() if hierarchies is None else hierarchies:
             self.host.makedirs_owned(self.parent(h) / name, 0, 0, 0o755)
-
-    def children(self, h: Hierarchy) -> list[str]:
-        return self.host.list_dirs(self.parent(h))
 
     def read(self, path: Path) -> str | None:
         raw = self.host.read_file(path)
@@ -156,10 +164,35 @@ class CgroupTree:
         self.host.write_text(path, value)
         return True
 
+    def remove(self, name: str) -> None:
+        """Remove the sliver's (empty) groups, retrying briefly while the kernel still counts
+        tasks that were just killed. Missing groups are fine."""
+        for _, group in self.existing(name):
+            deadline = self.host.monotonic() + RMDIR_TIMEOUT
+            while True:
+                try:
+                    self.host.remove_dir(group)
+                    break
+                except BackendError:
+                    if self.host.monotonic() > deadline:
+                        raise
+                    self.host.sleep(0.05)
+
     # --- processes ------------------------------------------------------------------------
     def members(self, group: Path) -> list[int]:
         text = self.read(group / "cgroup.procs") or ""
         return [int(p) for p in text.split() if p.isdigit()]
+
+    def members_of(self, name: str) -> set[int]:
+        """Every process in any of the sliver's groups."""
+        return {pid for _, group in self.existing(name) for pid in self.members(group)}
+
+    def is_member(self, pid: int, name: str) -> bool:
+        """True when ``pid`` is in one of the sliver's groups (read from ``/proc/<pid>/cgroup``:
+        what a signal check uses once the process is open)."""
+        lines = _cgroup_paths(self.read(Path(f"/proc/{pid}/cgroup")) or "")
+        want = f"/{self.group}/{name}"
+        return any(_membership(lines, h) == want for h in self.used())
 
     def place(self, uids: Mapping[str, int]) -> int:
         """Move every process of each sliver's uid into the sliver's groups (that exist).
@@ -173,11 +206,11 @@ class CgroupTree:
             targets = [(h, d) for h, d in targets if self.host.stat_file(d) is not None]
             if not pids or not targets:
                 continue
-            relative = {h: f"/{self.group}/{name}" for h, _ in targets}
+            relative = f"/{self.group}/{name}"
             for pid in pids:
                 current = _cgroup_paths(self.read(Path(f"/proc/{pid}/cgroup")) or "")
                 for h, directory in targets:
-                    if _membership(current, h) == relative[h]:
+                    if _membership(current, h) == relative:
                         continue
                     try:
                         self.host.write_text(directory / "cgroup.procs", str(pid))
@@ -186,40 +219,57 @@ class CgroupTree:
                         log.debug("event=place_failed sliver=%s pid=%d error=%r", name, pid, str(exc))
         return moved
 
-    def kill_and_remove(self, name: str) -> None:
-        """Kill every process in the sliver's groups and remove the groups. Idempotent."""
-        groups = [self.parent(h) / name for h in self.used()]
-        groups = [g for g in groups if self.host.stat_file(g) is not None]
-        if not groups:
-            return
-        for g in groups:
-            if self.host.stat_file(g / "cgroup.kill") is not None:
-                self.host.write_text(g / "cgroup.kill", "1")
-        deadline = self.host.monotonic() + KILL_TIMEOUT
-        while True:
-            alive = sorted({pid for g in groups for pid in self.members(g)})
-            if not alive:
-                break
-            if self.host.monotonic() > deadline:
-                raise BackendError(f"sliver {name}: {len(alive)} processes survive SIGKILL in its cgroup")
-            for pid in alive:
-                if pid > 1:
-                    self.host.kill(pid, signal.SIGKILL)
-            self.host.sleep(0.05)
-        for g in groups:
-            self._rmdir(g)
+    # --- freezing and killing (the steps of enforce.tasks) ------------------------------------
+    def kill_all(self, name: str) -> bool:
+        """Write ``cgroup.kill`` in the sliver's v2 group: every task in it, and every task it
+        forks meanwhile, is killed by the kernel at once. False when there is no such file
+        (no v2 group, or a kernel older than 5.14)."""
+        v2 = self.v2
+        if v2 is None:
+            return False
+        knob = self.parent(v2) / name / "cgroup.kill"
+        if self.host.stat_file(knob) is None:
+            return False
+        self.host.write_text(knob, "1")
+        return True
 
-    def _rmdir(self, group: Path) -> None:
-        """rmdir, retried briefly: a just-killed group stays busy until its tasks are reaped."""
-        deadline = self.host.monotonic() + KILL_TIMEOUT
+    def _freezer(self, name: str) -> tuple[Path, str, str, str] | None:
+        """(state file, frozen value, thawed value, file to poll) of the sliver's freezer: v1's
+        ``freezer.state``, else v2's ``cgroup.freeze``."""
+        v1 = next((h for h in self.hierarchies if h.version == 1 and "freezer" in h.controllers), None)
+        if v1 is not None and v1 in self.used():
+            state = self.parent(v1) / name / "freezer.state"
+            if self.host.stat_file(state) is not None:
+                return state, "FROZEN", "THAWED", str(state)
+        v2 = self.v2
+        if v2 is not None:
+            knob = self.parent(v2) / name / "cgroup.freeze"
+            if self.host.stat_file(knob) is not None:
+                return knob, "1", "0", str(self.parent(v2) / name / "cgroup.events")
+        return None
+
+    def freeze(self, name: str, timeout: float) -> bool | None:
+        """Freeze the sliver's group and wait at most ``timeout`` seconds for the kernel to
+        report it frozen (the v1 freezer has been seen to stay FREEZING). True when frozen,
+        False when still freezing at the timeout, None when there is no freezer."""
+        found = self._freezer(name)
+        if found is None:
+            return None
+        knob, frozen, _, poll = found
+        self.host.write_text(knob, frozen)
+        deadline = self.host.monotonic() + timeout
         while True:
-            try:
-                self.host.remove_dir(group)
-                return
-            except BackendError:
-                if self.host.monotonic() > deadline:
-                    raise
-                self.host.sleep(0.05)
+            text = self.read(Path(poll)) or ""
+            if text == "FROZEN" or "frozen 1" in text.splitlines():
+                return True
+            if self.host.monotonic() >= deadline:
+                return False
+            self.host.sleep(0.01)
+
+    def thaw(self, name: str) -> None:
+        found = self._freezer(name)
+        if found is not None:
+            self.host.write_text(found[0], found[2])
 
 
 def _cgroup_paths(text: str) -> list[tuple[str, str, str]]:
@@ -238,159 +288,3 @@ def _membership(lines: list[tuple[str, str, str]], h: Hierarchy) -> str | None:
         if h.version == 1 and h.controllers & set(controllers.split(",")):
             return path
     return None
-
-
-def _collect(failures: list[str]) -> None:
-    if failures:
-        raise BackendError("; ".join(failures))
-
-
-class _ControllerEnforcer:
-    """What the cpu and memory enforcers share: ``name`` is also the cgroup controller they need;
-    both are available once that controller is and their parent groups can be made, and both
-    remove a sliver by killing and removing its group (``CgroupTree.kill_and_remove``)."""
-
-    name: str
-
-    def __init__(self, tree: CgroupTree) -> None:
-        self.tree = tree
-
-    def available(self) -> str | None:
-        reason = self.tree.missing(self.name)
-        if reason is None:
-            try:
-                self.tree.ensure_parents()
-            except BackendError as exc:
-                return f"cannot prepare the {self.name} cgroup: {exc}"
-        return reason
-
-    def remove(self, name: str, uid: int) -> None:
-        self.tree.kill_and_remove(name)
-
-
-class CpuEnforcer(_ControllerEnforcer):
-    """``nm_cpu_share`` and ``nm_cpu_guaranteed_share`` as CPU weights (see module docstring)."""
-
-    name = "cpu"
-
-    def _where(self) -> tuple[Hierarchy, str, WeightScale] | None:
-        h = self.tree.hierarchy_for("cpu")
-        if h is None:
-            return None
-        return (h, "cpu.weight", V2_WEIGHTS) if h.version == 2 else (h, "cpu.shares", V1_WEIGHTS)
-
-    def apply(self, rspecs: RSpecs, uids: Mapping[str, int], homes: Mapping[str, Path] | None = None) -> tuple[str, ...]:
-        where = self._where()
-        if where is None:
-            return ()
-        h, knob, scale = where
-        self.tree.ensure_parents()
-        plan = cpu_weights({n: r.get("nm_cpu_share", 1) for n, r in rspecs.items()},
-                           {n: r.get("nm_cpu_guaranteed_share", 0) for n, r in rspecs.items()}, scale)
-        failures: list[str] = []
-        for name, weight in sorted(plan.children.items()):
-            try:
-                self.tree.ensure(name, self.tree.used())
-                self.tree.write_if_different(self.tree.parent(h) / name / knob, str(weight))
-            except BackendError as exc:
-                failures.append(f"sliver {name}: cpu weight: {exc}")
-        try:
-            self.tree.write_if_different(self.tree.parent(h) / knob, str(plan.parent))
-        except BackendError as exc:
-            failures.append(f"cpu parent weight: {exc}")
-        _remove_empty_strays(self.tree, h, rspecs)
-        _collect(failures)
-        return plan.notes
-
-    def observed(self) -> dict[str, dict[str, int]]:
-        where = self._where()
-        if where is None:
-            return {}
-        h, knob, scale = where
-        weights = {}
-        for name in self.tree.children(h):
-            value = self.tree.read(self.tree.parent(h) / name / knob)
-            if value is not None and value.isdigit():
-                weights[name] = int(value)
-        parent_text = self.tree.read(self.tree.parent(h) / knob) or ""
-        parent = int(parent_text) if parent_text.isdigit() else scale.unit
-        total = sum(weights.values()) or 1
-        return {
-            name: {
-                "cpu_weight": w,
-                "nm_cpu_share": w // scale.unit,
-                # the fraction these weights give under full contention, rest of the node = 1 unit
-                "nm_cpu_guaranteed_share": 1000 * parent * w // ((parent + scale.unit) * total),
-            }
-            for name, w in weights.items()
-        }
-
-
-class MemoryEnforcer(_ControllerEnforcer):
-    """``nm_memory_max`` (KiB, 0 = unlimited) as the sliver group's memory limit."""
-
-    name = "memory"
-
-    def _where(self) -> tuple[Hierarchy, str] | None:
-        h = self.tree.hierarchy_for("memory")
-        if h is None:
-            return None
-        return (h, "memory.max") if h.version == 2 else (h, "memory.limit_in_bytes")
-
-    def apply(self, rspecs: RSpecs, uids: Mapping[str, int], homes: Mapping[str, Path] | None = None) -> tuple[str, ...]:
-        where = self._where()
-        if where is None:
-            return ()
-        h, knob = where
-        self.tree.ensure_parents()
-        failures: list[str] = []
-        for name, rspec in sorted(rspecs.items()):
-            kib = max(0, rspec.get("nm_memory_max", 0))
-            path = self.tree.parent(h) / name / knob
-            try:
-                self.tree.ensure(name, self.tree.used())
-                if self._read_kib(path) != kib:
-                    self.tree.host.write_text(path, str(kib * 1024) if kib else ("max" if h.version == 2 else "-1"))
-            except BackendError as exc:
-                failures.append(f"sliver {name}: memory limit: {exc}")
-        _remove_empty_strays(self.tree, h, rspecs)
-        _collect(failures)
-        return ()
-
-    def _read_kib(self, path: Path) -> int | None:
-        value = self.tree.read(path)
-        if value is None:
-            return None
-        if value == "max":
-            return 0
-        if not value.isdigit():
-            return None
-        number = int(value)
-        return 0 if number >= _V1_UNLIMITED else number // 1024
-
-    def observed(self) -> dict[str, dict[str, int]]:
-        where = self._where()
-        if where is None:
-            return {}
-        h, knob = where
-        result = {}
-        for name in self.tree.children(h):
-            kib = self._read_kib(self.tree.parent(h) / name / knob)
-            if kib is not None:
-                result[name] = {"nm_memory_max": kib}
-        return result
-
-
-def _remove_empty_strays(tree: CgroupTree, h: Hierarchy, rspecs: RSpecs) -> None:
-    """Groups of slivers no longer in ``rspecs`` are removed when empty; a group that still has
-    processes is left for ``remove`` (which kills them) and logged."""
-    for name in tree.children(h):
-        if name in rspecs:
-            continue
-        if tree.members(tree.parent(h) / name):
-            log.warning("event=stray_cgroup sliver=%s path=%s", name, tree.parent(h) / name)
-            continue
-        try:
-            tree.host.remove_dir(tree.parent(h) / name)
-        except BackendError as exc:
-            log.warning("event=stray_cgroup sliver=%s error=%r", name, str(exc))

@@ -23,9 +23,10 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("nm_net_max_rate", "=="),
     ("nm_net_share", "=="),
     ("nm_disk_quota", "=="),
+    ("nm_pids_max", "=="),
 )
 #: raw kernel figures shown in brackets after the RSpec-unit value
-_RAW = {"nm_cpu_share": "cpu_weight", "nm_net_share": "htb_quantum"}
+_RAW = {"nm_cpu_share": "cpu_weight", "nm_net_share": "htb_quantum", "nm_pids_max": "pids_current"}
 
 
 def _agrees(rule: str, effective: int, kernel: int) -> bool:

@@ -11,7 +11,9 @@ It keeps just enough state for backend logic to be tested without root:
   new ``stamp`` (its inode and mtime stand-in), and ``mount_table`` is what ``mounts`` returns;
 * ``run_as`` records ``(uid, gid, groups, argv)`` in ``ran_as`` and otherwise behaves like ``run``;
 * ``processes`` (pid -> uid): ``spawn_detached`` adds one, SIGTERM ends it unless the pid is in
-  ``ignore_term``, SIGKILL ends it unless it is in ``immortal``;
+  ``ignore_term``, SIGKILL ends it unless it is in ``immortal``; ``signal_pids`` skips a pid
+  whose owner is not the ``uid`` asked for (what the pidfd check does for a reused pid);
+* ``open_proc_events`` returns a :class:`FakeProcEvents` a test pushes connector messages into;
 * a manual clock: ``sleep`` advances ``monotonic``;
 * failures on cue: ``fail_next("useradd")`` makes the next ``useradd`` command fail,
   ``fail_next("makedirs_owned")`` the next call of that method.
@@ -19,12 +21,14 @@ It keeps just enough state for backend logic to be tested without root:
 
 from __future__ import annotations
 
+import queue
 import signal
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..core.errors import BackendError
+from ..enforce.procevents import ack_for
 from ..host import CommandResult, FileInfo, GroupEntry, Host, PasswdEntry, ShadowEntry
 
 
@@ -50,6 +54,41 @@ class Spawned:
     groups: tuple[int, ...] = ()
 
 
+class FakeProcEvents:
+    """What ``FakeHost.open_proc_events`` returns: a test ``push``es connector messages (see
+    ``enforce.procevents.event_message``); every message sent is kept in ``sent`` and, with
+    ``acknowledge``, answered with the kernel's acknowledgement."""
+
+    LOST = b""
+
+    def __init__(self, *, acknowledge: bool = True) -> None:
+        self.acknowledge = acknowledge
+        self.sent: list[bytes] = []
+        self.closed = False
+        self._queue: queue.Queue[bytes] = queue.Queue()
+
+    def push(self, message: bytes) -> None:
+        self._queue.put(message)
+
+    def send(self, message: bytes) -> None:
+        if self.closed:
+            raise BackendError("channel closed")
+        self.sent.append(message)
+        if self.acknowledge:
+            self._queue.put(ack_for(message))
+
+    def recv(self, timeout: float) -> bytes | None:
+        if self.closed:
+            raise BackendError("channel closed")
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
 @dataclass(slots=True)
 class _Failure:
     returncode: int
@@ -70,6 +109,9 @@ class FakeHost(Host):
         self.ignore_term: set[int] = set()
         self.immortal: set[int] = set()
         self.spawned: list[Spawned] = []
+        #: ``open_proc_events`` channels, newest last; subscriptions are acknowledged unless False.
+        self.proc_channels: list[FakeProcEvents] = []
+        self.proc_events_ack = True
         self.ran_as: list[tuple[int, int, tuple[int, ...], tuple[str, ...]]] = []
         self.mount_table: list[tuple[str, str]] = [("/", "ext4")]
         self._next_stamp = 1
@@ -347,16 +389,41 @@ class FakeHost(Host):
         self._record("pids_by_uid", tuple(uids))
         return {uid: sorted(p for p, owner in self.processes.items() if owner == uid) for uid in uids}
 
-    def kill(self, pid: int, sig: int) -> None:
+    def kill(self, pid: int, sig: int, *, uid: int | None = None) -> None:
         self._record("kill", pid, sig)
         if pid <= 1:
             raise BackendError(f"refusing to signal pid {pid}")
-        if pid not in self.processes:
+        if pid not in self.processes or (uid is not None and self.processes[pid] != uid):
             return
         if sig == signal.SIGKILL and pid not in self.immortal:
             del self.processes[pid]
         elif sig == signal.SIGTERM and pid not in self.ignore_term and pid not in self.immortal:
             del self.processes[pid]
+
+    def signal_pids(self, pids: Iterable[int], sig: int, *, uid: int | None = None,
+                    check: Callable[[int], bool] | None = None) -> int:
+        pids = [int(p) for p in pids]
+        self._record("signal_pids", tuple(pids), sig, uid)
+        sent = 0
+        for pid in pids:
+            if pid <= 1 or pid not in self.processes:
+                continue
+            if uid is not None and self.processes[pid] != uid:
+                continue  # the pid now belongs to someone else: a pidfd check refuses it
+            if check is not None and not check(pid):
+                continue
+            sent += 1
+            if sig == signal.SIGKILL and pid not in self.immortal:
+                del self.processes[pid]
+            elif sig == signal.SIGTERM and pid not in self.ignore_term and pid not in self.immortal:
+                del self.processes[pid]
+        return sent
+
+    def open_proc_events(self) -> FakeProcEvents:  # type: ignore[override]
+        self._record("open_proc_events")
+        channel = FakeProcEvents(acknowledge=self.proc_events_ack)
+        self.proc_channels.append(channel)
+        return channel
 
     def spawn_detached(self, argv: Sequence[str], *, uid: int, gid: int, home: Path,
                        env: Mapping[str, str], log_path: Path, cgroups: Sequence[Path] = (),
