@@ -138,14 +138,20 @@ def test_sync_loans_and_removal_drive_the_kernel(manager, capsys: pytest.Capture
     assert cpu["site_a"][2] == "2" and cpu["site_a"][-1] == "ok", shown
     assert cpu["site_b"][2] == "2" and cpu["site_b"][-1] == "ok", shown
     assert any(r[1] == "nm_net_max_rate" and r[-1] == "ok" for r in rows), shown
+    assert any(r[1] == "nm_pids_max" and r[2] == "1024" and r[-1] == "ok" for r in rows), shown
 
-    # A process the sliver starts outside Start (as an SSH login would) is swept into its cgroup.
+    # A process the sliver starts outside Start (as an SSH login would) joins its cgroups at once:
+    # the placement listener runs with the enforcement loop.
+    placement = nm.enforcement.placement  # type: ignore[union-attr]
+    assert placement is not None and placement.running, nm.enforcement.problems()  # type: ignore[union-attr]
+    placed = placement.placed
     proc = subprocess.Popen(["setpriv", f"--reuid={uid_a}", f"--regid={uid_a}", "--clear-groups", "sleep", "30"])
     try:
-        assert wait_for(lambda: any(
+        assert wait_for(lambda: all(
             str(proc.pid) in (d / "cgroup.procs").read_text().split()
             for d in groups(nm, "site_a")
         ), 5.0)
+        assert placement.placed > placed
     finally:
         proc.kill()
         proc.wait()
