@@ -37,6 +37,7 @@ from nodemanager.config import Config, parse_config
 from nodemanager.core.records import AccountState, Sliver
 from nodemanager.daemon import Node, build_node
 from nodemanager.sync import SyncOutcome
+from nodemanager.testing.fakeauthority import stable_slice_id
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFaultSuiteKey{:029d} f@t"
 DOC_CAP_BYTES = 256 * 1024
@@ -49,7 +50,7 @@ def slices_xml(names: list[str], timestamp: int, *, node_id: int = 1, expires: i
     parts = [f'<slices timestamp="{timestamp}" node_id="{node_id}">']
     for i, name in enumerate(names):
         parts.append(
-            f'<slice name="{name}" id="{i + 1}" instantiation="plc-instantiated" expires="{expires}">'
+            f'<slice name="{name}" id="{stable_slice_id(name)}" instantiation="plc-instantiated" expires="{expires}">'
             f'<key type="ssh">{KEY.format(i)}</key>'
             f'<attribute name="nm_cpu_share" value="{1 + i % 4}"/>'
             + (f'<attribute name="padding" value="{"x" * pad}"/>' if pad else "")

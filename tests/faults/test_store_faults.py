@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from nodemanager.core.errors import StoreError
+from nodemanager.store import Store
 from nodemanager.daemon import Node, build_node
 from nodemanager.health import check_health
 from nodemanager.testing.fakeauthority import FakeAuthority
@@ -104,7 +105,7 @@ def test_disk_full_fails_the_sync_clearly_and_the_next_cycle_after_freeing_succe
     assert hammer.failures == []
     assert node.alive()
     assert not health.ok and "no space left" in health.line
-    failed = [r.getMessage() for r in caplog.records if "event=sync-failed" in r.getMessage()]
+    failed = [r.getMessage() for r in caplog.records if "event=sync-error" in r.getMessage()]
     assert failed and ("full" in failed[0].lower() or "No space left" in failed[0]), failed
     assert node.snapshot() == before  # the last good state, untouched (and readable)
 
@@ -144,8 +145,9 @@ def test_a_store_turned_read_only_keeps_the_api_and_recovers_after_repair(
     small_fs.umount()
     subprocess.run(["e2fsck", "-f", "-y", str(small_fs.image)], capture_output=True, check=False)
     small_fs.mount_rw()
+    with Store(data / "nodemanager.sqlite") as reopened:
+        assert reopened.slivers() == before.slivers  # nothing of the good state lost
     restarted = make_node(authority.url, data_dir=data)
-    assert restarted.manager.store.slivers() == before.slivers  # nothing of the good state lost
     outcome = restarted.start()
     assert outcome.ok, outcome.summary()
     assert set(restarted.snapshot().slivers) == set(NAMES[:8]) | {"site_new"}

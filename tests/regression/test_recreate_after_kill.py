@@ -1,8 +1,10 @@
 """Regression: a daemon killed between re-creating a vanished account (useradd) and recording its
-new uid must not, at the next cycle, take its own new account for one replaced by someone else.
+uid must not, at the next cycle, take its own new account for one replaced by someone else.
 
 Found by tests/integration/test_daemon_crash.py ("account was replaced by someone else (uid
-changed)" after kill -9). The fix forgets the vanished account's uid before useradd.
+changed)" after kill -9), when useradd handed out the next free uid. The fix forgets the vanished
+account's uid before useradd. Since uids derive from the slice id the re-created account gets the
+same uid again; the adoption after the crash must hold all the same.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def test_recreated_account_is_adopted_after_a_crash(tmp_path: Path) -> None:
     except SystemExit:
         pass
     new_uid = backend.observe()["site_alpha"].uid
-    assert new_uid != old_uid
+    assert new_uid == old_uid  # uid_base + slice id: the same slice, the same uid
     backend.die = False
     ops.ensure(sliver, start=False)  # the next cycle
     state = store.account("site_alpha")
