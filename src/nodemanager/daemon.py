@@ -143,7 +143,8 @@ def build_node(
     if enforcement is not None:
         home_root = Path(config.slivers.home_root)
         loop = EnforcementLoop(enforcement, store, home_of=lambda name: home_root / account_of(name),
-                               node_cap_kbps=cap, account_of=account_of, on_error=metrics.enforcement_error)
+                               node_cap_kbps=cap, account_of=account_of, account_prefix=prefix,
+                               on_error=metrics.enforcement_error)
     operations = SliverOperations(store, backend, clock, node_cap_kbps=cap,
                                   on_change=loop.poke if loop is not None else None,
                                   on_failure=metrics.sliver_failed)
@@ -303,8 +304,10 @@ class Node:
             self.api_server.start()
             self._running.api = True
         if self.enforcement_loop is not None:
-            self.enforcement_loop.start()
+            self.enforcement_loop.start()  # with it, placement at once (the process-events listener)
             self._running.loop = True
+            if self.enforcement is not None:  # the listener can fail where its probe succeeded
+                self.store.set_meta({Meta.ENFORCEMENT: "; ".join(self.enforcement.problems()) or "ok"})
         try:
             self.metrics.start_http(self.config.metrics.listen)
             self._running.metrics = True
