@@ -47,6 +47,7 @@ class HollowBackend:
     def __init__(self, *, uid_base: int = FIRST_UID) -> None:
         self._lock = threading.Lock()
         self._accounts: dict[str, HollowAccount] = {}
+        self._holders: dict[int, str] = {}  # uid -> name: a create checks its uid in O(1)
         self.uid_base = uid_base
         self.calls: Counter[str] = Counter()
         logger.warning("hollow backend: records only, no accounts are created")
@@ -75,10 +76,11 @@ class HollowBackend:
             if name in self._accounts:
                 raise AccountConflict(f"sliver {name}: account {name!r} already exists")
             uid = sliver_uid(name, sliver.slice_id, self.uid_base)
-            holder = next((a.name for a in self._accounts.values() if a.uid == uid), None)
+            holder = self._holders.get(uid)
             if holder is not None:
                 raise AccountConflict(f"sliver {name}: uid {uid} (slice id {sliver.slice_id}) is taken by {holder}")
             self._accounts[name] = HollowAccount(name, uid)
+            self._holders[uid] = name
         logger.info("sliver=%s event=created uid=%d backend=hollow", name, uid)
         return uid
 
@@ -112,6 +114,8 @@ class HollowBackend:
         with self._lock:
             self.calls["destroy"] += 1
             removed = self._accounts.pop(name, None)
+            if removed is not None:
+                self._holders.pop(removed.uid, None)
         if removed is not None:
             logger.info("sliver=%s event=destroyed uid=%d backend=hollow", name, removed.uid)
 
