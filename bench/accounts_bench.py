@@ -8,6 +8,7 @@ workers, account backend; keys, start scripts directory, start). Output: ``METRI
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shutil
@@ -24,6 +25,8 @@ from nodemanager.testing.accounts import purge_accounts
 from nodemanager.testing.fakeauthority import FakeAuthority, make_sliver
 
 COUNT = 100
+#: The sliver group of the benchmark's node (removed afterwards, never the real "slivers").
+BENCH_GROUP = "nmbenchslv"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchKey{:032d} bench@example.org"
 
 
@@ -57,7 +60,7 @@ def nodemanager(home_root: Path, prefix: str, data: Path) -> float:
         "api": {"tcp": "", "unix_socket": ""},
         "metrics": {"listen": ""},
         "slivers": {"home_root": str(home_root), "name_prefix": prefix, "stop_grace": 1,
-                    "keys_dir": str(home_root / "keys")},
+                    "keys_dir": str(home_root / "keys"), "group": BENCH_GROUP},
     })
     authority = FakeAuthority()
     authority.publish([make_sliver(f"site_b{i}", keys=[KEY.format(i)], slice_id=i + 1) for i in range(COUNT)])
@@ -76,6 +79,7 @@ def nodemanager(home_root: Path, prefix: str, data: Path) -> float:
 
 
 def main() -> int:
+    logging.disable(logging.CRITICAL)  # the node's log (e.g. sshd not set up for a bench group)
     if os.geteuid() != 0:
         print("# accounts benchmark skipped: needs root", flush=True)
         return 0
@@ -94,6 +98,7 @@ def main() -> int:
     finally:
         remove_users("nmbb")
         remove_users("nmbn")
+        subprocess.run(["groupdel", BENCH_GROUP], capture_output=True, check=False)
         shutil.rmtree(base_dir, ignore_errors=True)
     return 0
 
