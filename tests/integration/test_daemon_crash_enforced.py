@@ -36,6 +36,7 @@ from nodemanager.testing.accounts import (
     wait_for,
 )
 from nodemanager.testing.daemonproc import start_nodemanager
+from nodemanager.testing.network import veth_uplink
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -69,12 +70,6 @@ def write_doc(path: Path, names: list[str], timestamp: int) -> None:
 @pytest.fixture
 def node(tmp_path: Path, home_root: Path) -> Iterator[tuple[Path, Path, Path]]:
     purge_accounts(PREFIX + "site_")
-    run("ip", "netns", "del", NETNS)
-    run("ip", "link", "del", VETH)
-    assert run("ip", "netns", "add", NETNS).returncode == 0
-    assert run("ip", "link", "add", VETH, "type", "veth", "peer", "name", PEER).returncode == 0
-    run("ip", "link", "set", PEER, "netns", NETNS)
-    run("ip", "link", "set", VETH, "up")
     doc = tmp_path / "slivers.json"
     (tmp_path / "node_id").write_text("1\n")
     config = tmp_path / "nm.toml"
@@ -105,15 +100,12 @@ group = "{GROUP}"
 [enforce]
 uplink = "{VETH}"
 """)
-    with removed_group(GROUP):
+    with removed_group(GROUP), veth_uplink(NETNS, VETH, PEER, nft_table=TABLE):
         try:
             yield doc, config, tmp_path
         finally:
             unmount_below(home_root)
             purge_accounts(PREFIX + "site_")
-            run("ip", "link", "del", VETH)
-            run("ip", "netns", "del", NETNS)
-            run("nft", "delete", "table", "inet", TABLE)
 
 
 def cgroup_dirs(account: str) -> list[Path]:

@@ -20,6 +20,7 @@ from nodemanager.cli import main
 from nodemanager.config import parse_config
 from nodemanager.daemon import Node, build_node
 from nodemanager.testing.accounts import purge_accounts, uid_base_for_tests, wait_for
+from nodemanager.testing.network import veth_uplink
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -49,16 +50,8 @@ def write_doc(path: Path, slivers: dict[str, int], timestamp: int) -> None:
 
 @pytest.fixture
 def veth() -> Iterator[str]:
-    run("ip", "netns", "del", NETNS)
-    run("ip", "link", "del", VETH)
-    assert run("ip", "netns", "add", NETNS).returncode == 0
-    assert run("ip", "link", "add", VETH, "type", "veth", "peer", "name", PEER).returncode == 0
-    run("ip", "link", "set", PEER, "netns", NETNS)
-    run("ip", "link", "set", VETH, "up")
-    yield VETH
-    run("ip", "link", "del", VETH)
-    run("ip", "netns", "del", NETNS)
-    run("nft", "delete", "table", "inet", TABLE)
+    with veth_uplink(NETNS, VETH, PEER, nft_table=TABLE) as device:
+        yield device
 
 
 @pytest.fixture

@@ -16,58 +16,30 @@ import logging
 import os
 import socket
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import ConfigError, OperationFailed
+from ..core.addresses import HostPort, parse_host_port
+from ..core.errors import OperationFailed
 
 __all__ = ["TcpAddress", "bind_tcp", "bind_unix", "parse_tcp_address", "remove_unix_socket"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class TcpAddress:
-    """A parsed ``api.tcp`` value."""
-
-    host: str
-    port: int
-
-    @property
-    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return ipaddress.ip_address(self.host)
-
-    @property
-    def loopback(self) -> bool:
-        return self.ip.is_loopback
+#: A parsed ``api.tcp`` value (``core.addresses``' one HOST:PORT parser).
+TcpAddress = HostPort
 
 
 def parse_tcp_address(text: str) -> TcpAddress | None:
     """``"HOST:PORT"``, ``"[V6]:PORT"`` or ``""`` (disabled: None). HOST is an IP literal or
     ``localhost`` (127.0.0.1). Raises ConfigError naming the problem."""
-    if not text:
-        return None
-    host, colon, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if ":" not in host:
-            raise ConfigError(f"api.tcp {text!r}: brackets are for IPv6 addresses only")
-    elif ":" in host:
-        raise ConfigError(f"api.tcp {text!r}: write an IPv6 address in brackets, e.g. [::1]:812")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"api.tcp {text!r}: expected HOST:PORT with a port from 0 to 65535")
-    host = "127.0.0.1" if host == "localhost" else host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise ConfigError(f"api.tcp {text!r}: the host must be an IP address or localhost") from exc
-    return TcpAddress(host, int(port))
+    return parse_host_port(text, what="api.tcp", ip_only=True)
 
 
 def bind_tcp(address: TcpAddress, backlog: int) -> socket.socket:
     """A listening TCP socket. IPv6: v6only, except for the wildcard ``::`` (dual stack, so that
     "every address" includes IPv4 as it does for ``0.0.0.0``)."""
-    ip = address.ip
+    ip = ipaddress.ip_address(address.host)
     sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
