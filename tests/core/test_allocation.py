@@ -195,3 +195,11 @@ def test_min_rates_over_the_cap_are_scaled_with_a_note() -> None:
     assert plan.slivers["a"].rate_kbit == plan.slivers["b"].rate_kbit
     assert plan.default.rate_kbit + 2 * plan.slivers["a"].rate_kbit <= 8000
     assert plan.notes
+
+
+def test_full_contention_nested_under_a_parent_group() -> None:
+    """Slivers sharing a parent group of weight P against the rest of the node's O: each gets
+    P/(P+O) of the node, split by the slivers' weights."""
+    assert full_contention_permille({"a": 1, "b": 3}, 1, 3) == {"a": 187, "b": 562}
+    assert full_contention_permille({"a": 1, "b": 3}, 1) == {"a": 200, "b": 600}  # flat
+    assert full_contention_permille({}, 1, 3) == {}

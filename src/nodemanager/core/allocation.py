@@ -159,11 +159,20 @@ def _raise_for_guarantees(base: Mapping[str, int], granted: Mapping[str, int], o
     return weights
 
 
-def full_contention_permille(weights: Mapping[str, int], other_weight: int) -> dict[str, int]:
+def full_contention_permille(
+    weights: Mapping[str, int], other_weight: int, parent_weight: int | None = None
+) -> dict[str, int]:
     """Each sliver's CPU under full contention, in thousandths (rounded down): what the kernel's
-    weights actually guarantee. Used to compare the kernel with ``nm_cpu_guaranteed_share``."""
-    total = other_weight + sum(weights.values())
-    return {n: w * 1000 // total for n, w in weights.items()}
+    weights actually guarantee. Used to compare the kernel with ``nm_cpu_guaranteed_share``.
+
+    Flat (``parent_weight`` None): the slivers compete with the rest of the node, of weight
+    ``other_weight``, side by side. Nested: the slivers share their parent group, whose weight
+    ``parent_weight`` competes with the rest of the node's ``other_weight``."""
+    total = sum(weights.values())
+    if parent_weight is None:
+        return {n: w * 1000 // (other_weight + total) for n, w in weights.items()}
+    total = total or 1
+    return {n: 1000 * parent_weight * w // ((parent_weight + other_weight) * total) for n, w in weights.items()}
 
 
 # --- HTB ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from ..core.allocation import V1_WEIGHTS, V2_WEIGHTS, WeightScale, cpu_weights
+from ..core.allocation import V1_WEIGHTS, V2_WEIGHTS, WeightScale, cpu_weights, full_contention_permille
 from ..core.errors import BackendError
 from .base import RSpecs
 from .cgroups import CgroupTree, Hierarchy
@@ -183,14 +183,10 @@ class CpuEnforcer(_ControllerEnforcer):
                 weights[name] = int(value)
         parent_text = self.tree.read(self.tree.parent(h) / knob) or ""
         parent = int(parent_text) if parent_text.isdigit() else scale.unit
-        total = sum(weights.values()) or 1
+        # what these weights give under full contention, the rest of the node being one unit
+        guaranteed = full_contention_permille(weights, scale.unit, parent)
         return {
-            name: {
-                "cpu_weight": w,
-                "nm_cpu_share": w // scale.unit,
-                # the fraction these weights give under full contention, rest of the node = 1 unit
-                "nm_cpu_guaranteed_share": 1000 * parent * w // ((parent + scale.unit) * total),
-            }
+            name: {"cpu_weight": w, "nm_cpu_share": w // scale.unit, "nm_cpu_guaranteed_share": guaranteed[name]}
             for name, w in weights.items()
         }
 

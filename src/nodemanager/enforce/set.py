@@ -169,7 +169,7 @@ class EnforcementSet:
         before, redo = self._applied, set(self._redo)
         self._redo.clear()
         called: dict[str, str] = {}
-        failures: list[str] = []
+        failures: list[tuple[str, str]] = []  # (enforcer, what went wrong)
         for enforcer in self.enforcers:
             names = None if full or before is None or enforcer.name in redo else \
                 changed_slivers(enforcer.name, before, targets)
@@ -183,16 +183,16 @@ class EnforcementSet:
                     called[enforcer.name] = "all"
                     notes = enforcer.apply(targets.rspecs, targets.uids, targets.homes)
             except BackendError as exc:
-                failures.append(f"{enforcer.name}: {exc}")
+                failures.append((enforcer.name, str(exc)))
                 self._redo.add(enforcer.name)
                 continue
             self._notes[enforcer.name] = tuple(notes)
             for note in notes:
                 log.info("event=enforcement_note enforcer=%s note=%r", enforcer.name, note)
-        self.failed = tuple(failure.split(":", 1)[0] for failure in failures)
+        self.failed = tuple(name for name, _ in failures)
         self._applied = targets
         if failures:
-            raise BackendError("; ".join(failures))
+            raise BackendError("; ".join(f"{name}: {error}" for name, error in failures))
         return called
 
     # --- one sliver's cgroups ---------------------------------------------------------------
