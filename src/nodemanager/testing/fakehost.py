@@ -184,12 +184,19 @@ class FakeHost(Host):
         self.commands.append(args)
         failure = self._maybe_fail(args[0])
         if failure is not None:
-            returncode, stderr = failure.returncode, failure.stderr
+            returncode, stdout, stderr = failure.returncode, b"", failure.stderr
         else:
-            returncode, stderr = self._effect(args)
+            returncode, stdout, stderr = self._execute(args, input)
         if check and returncode != 0:
             raise BackendError(f"{args[0]} exited with status {returncode}: {stderr or '(no stderr)'}")
-        return CommandResult(args, returncode, b"", stderr.encode())
+        return CommandResult(args, returncode, stdout, stderr.encode())
+
+    def _execute(self, args: list[str], input: bytes | None) -> tuple[int, bytes, str]:
+        """What a command does and answers: ``(returncode, stdout, stderr)``. Here the account
+        commands of :meth:`_effect`, and exit 0 with no output for anything else; a machine model
+        (``testing.kernel``) answers more."""
+        returncode, stderr = self._effect(args)
+        return returncode, b"", stderr
 
     def _effect(self, args: list[str]) -> tuple[int, str]:
         program, name = args[0], args[-1]
@@ -336,7 +343,7 @@ class FakeHost(Host):
 
     def _remove_under(self, root: Path) -> None:
         for table in (self.files, self.dirs):
-            for path in [p for p in table if p == root or root in p.parents]:
+            for path in [p for p in table if p == root or below(p, root)]:
                 del table[path]
 
     def write_text(self, path: Path, text: str) -> None:
@@ -351,15 +358,16 @@ class FakeHost(Host):
 
     def list_dirs(self, directory: Path) -> list[str]:
         self._record("list_dirs", Path(directory))
-        return sorted(p.name for p in self.dirs if p.parent == Path(directory))
+        return sorted(p.name for p in children_of(self.dirs, directory))
 
     def list_executables(self, directory: Path) -> list[str]:
         self._record("list_executables", Path(directory))
-        return sorted(p.name for p, f in self.files.items() if p.parent == Path(directory) and f.mode & 0o111)
+        return sorted(p.name for p in children_of(self.files, directory) if self.files[p].mode & 0o111)
 
     def file_stamps(self, directory: Path) -> dict[str, tuple[int, int, int]]:
         self._record("file_stamps", Path(directory))
-        return {p.name: (f.stamp, len(f.data), f.stamp) for p, f in self.files.items() if p.parent == Path(directory)}
+        return {p.name: (self.files[p].stamp, len(self.files[p].data), self.files[p].stamp)
+                for p in children_of(self.files, directory)}
 
     def mounts(self) -> list[tuple[str, str]]:
         self._record("mounts")
@@ -368,13 +376,13 @@ class FakeHost(Host):
     def remove_owned(self, directory: Path, uid: int) -> tuple[int, int]:
         self._record("remove_owned", Path(directory), uid)
         root = Path(directory)
-        files = [p for p, f in self.files.items() if root in p.parents and f.uid == uid]
-        dirs = [p for p, (owner, _, _) in self.dirs.items() if root in p.parents and owner == uid]
+        files = [p for p, f in self.files.items() if f.uid == uid and below(p, root)]
+        dirs = [p for p, (owner, _, _) in self.dirs.items() if owner == uid and below(p, root)]
         for path in files:
             del self.files[path]
         left = 0
         for path in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-            if any(path in p.parents for p in [*self.files, *self.dirs]):
+            if any(below(p, path) for p in [*self.files, *self.dirs]):
                 left += 1
             else:
                 del self.dirs[path]
@@ -440,6 +448,20 @@ class FakeHost(Host):
 
     def monotonic(self) -> float:
         return self.now
+
+
+def below(path: Path, root: Path) -> bool:
+    """``path`` is strictly under ``root`` (compared as text: ``root in path.parents`` costs a
+    Path object per level, and the fakes ask it for every entry they hold)."""
+    return str(path).startswith(str(root).rstrip("/") + "/")
+
+
+def children_of(table: Mapping[Path, object], directory: Path) -> list[Path]:
+    """The paths of ``table`` directly in ``directory`` (by their text: thousands of worlds are
+    listed in the crash simulation, and ``Path.parent`` makes a new object each time)."""
+    prefix = str(directory).rstrip("/") + "/"
+    cut = len(prefix)
+    return [p for p in table if (text := str(p)).startswith(prefix) and "/" not in text[cut:] and len(text) > cut]
 
 
 def _options(args: Sequence[str]) -> dict[str, str]:
