@@ -26,6 +26,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from ..core.allocation import (
@@ -59,6 +60,22 @@ def parse_rate_kbit(text: str) -> int:
     if match is None:
         raise BackendError(f"cannot parse tc rate {text!r}")
     return round(float(match.group("n")) * _UNITS[match.group("unit")])
+
+
+def shown_kbit(kbit: int) -> int:
+    """The rate, in kbit/s, that tc prints for a class written with ``kbit``: iproute2's
+    ``sprint_rate`` divides by 1000 while the value is round or above a million, so
+    ``4999996kbit`` shows as ``4999Mbit``. What a class reads back as, to compare with a plan."""
+    value, scale = kbit * 1000, 1
+    while value >= 1000 and (value % 1000 == 0 or value >= 1_000_000) and scale < 1_000_000_000_000:
+        value //= 1000
+        scale *= 1000
+    return value * scale // 1000
+
+
+def as_shown(cls: HtbClass) -> HtbClass:
+    """``cls`` as ``tc -d class show`` would print it back (rates rounded as tc rounds them)."""
+    return replace(cls, rate_kbit=shown_kbit(cls.rate_kbit), ceil_kbit=shown_kbit(cls.ceil_kbit))
 
 
 def parse_classes(text: str) -> dict[int, tuple[int | None, HtbClass]]:
@@ -220,8 +237,8 @@ class BandwidthEnforcer:
         for parent, cls in desired:
             have = current.get(cls.minor)
             parent_minor = None if parent == "1:" else int(parent.split(":")[1], 16)
-            if have is not None and have == (parent_minor, cls):
-                continue
+            if have is not None and have == (parent_minor, as_shown(cls)):
+                continue  # tc shows rates rounded: equal as shown is equal
             batch.append(f"class replace dev {device} parent {parent} classid {cls.classid} htb "
                          f"rate {cls.rate_kbit}kbit ceil {cls.ceil_kbit}kbit quantum {cls.quantum}")
         if batch:
