@@ -8,7 +8,7 @@ the sliver itself:
 * ``image``: anywhere else (this project's test machines: ext4 without QFMT_V2 support, btrfs),
   one sparse ext4 image per sliver, ``<images_dir>/<name>.img`` (root-owned, mode 0600),
   loop-mounted ``nosuid,nodev`` on the home; the filesystem's size is the limit. A larger quota
-  grows it online (``truncate``, ``losetup -c``, ``resize2fs``); a smaller one is NOT applied
+  grows it (:mod:`.imagegrow`, crash-safe: online, else offline); a smaller one is NOT applied
   while mounted (shrinking needs an unmount under the sliver's feet) and shows as a difference in
   ``status --resources``.
   btrfs qgroups are not used: a nested subvolume escapes them (dependencies.md). Images are
@@ -47,12 +47,12 @@ from pathlib import Path
 from ..core.errors import BackendError
 from ..host import Host
 from .base import RSpecs
+from .imagegrow import GROW_SUFFIX, IMAGE_MODE, grow_cut_short, grow_image, grow_marker
 
 log = logging.getLogger(__name__)
 
 QUOTA_FILESYSTEMS = ("ext4", "xfs")
 QUOTA_OPTIONS = ("usrquota", "usrjquota", "uquota", "quota")
-IMAGE_MODE = 0o600
 STAGING_PREFIX = ".nodemanager-staging-"
 IMAGE_SUFFIX = ".img"
 
@@ -141,6 +141,7 @@ class DiskEnforcer:
         image = self.image_of(name)
         info = self.host.stat_file(image)
         notes: list[str] = []
+        unfinished = False
         if info is None:
             if quota_kib <= 0:
                 return ()
@@ -148,6 +149,9 @@ class DiskEnforcer:
             size = quota_kib
         else:
             size = info.size // 1024
+            before = grow_cut_short(self.host, image)
+            if before is not None:  # the file may have grown, the filesystem not: finish the grow
+                size, quota_kib, unfinished = before, max(quota_kib, size), True
             if (info.uid, info.mode) != (0, IMAGE_MODE):  # made by an older version (0644)
                 self.host.run(["chown", "0:0", str(image)])
                 self.host.run(["chmod", f"{IMAGE_MODE:o}", str(image)])
@@ -156,38 +160,13 @@ class DiskEnforcer:
         if not mounted:
             notes += self._mount(name, image, home, uid, gid)
             device = self._loops().get(str(image))
-        if quota_kib > size and device is not None:
-            notes += self._grow(name, image, device, home, size, quota_kib)
+        if (quota_kib > size or unfinished) and device is not None:
+            notes += grow_image(self.host, name, image, device, home, size, quota_kib)
         elif 0 < quota_kib < size or quota_kib == 0:
             notes.append(f"sliver {name}: disk image stays at {size} KiB (quota {quota_kib} KiB): "
                          "images are not shrunk or dropped while in use")
         self.host.makedirs_owned(home, uid, gid, 0o700)
         return tuple(notes)
-
-    def _grow(self, name: str, image: Path, device: str, home: Path, size: int, kib: int) -> list[str]:
-        """Grow the image to ``kib``: online (``resize2fs`` on the mounted loop device), else
-        offline when the home is not in use (unmount, ``e2fsck``, ``resize2fs``, mount). Online
-        resizing needs CAP_SYS_RESOURCE, which containers often lack. When neither works, the
-        file is put back to its old size so the next apply tries again, and a note says so."""
-        self.host.run(["truncate", "-s", f"{kib}K", str(image)])
-        self.host.run(["losetup", "-c", device])
-        online = self.host.run(["resize2fs", device], timeout=300, check=False)
-        if online.returncode == 0:
-            log.info("event=image_grown sliver=%s kib=%d how=online", name, kib)
-            return []
-        if self.host.run(["umount", str(home)], check=False).returncode == 0:
-            try:
-                self.host.run(["e2fsck", "-f", "-p", str(image)], timeout=300, check=False)
-                self.host.run(["resize2fs", str(image)], timeout=300)
-            finally:
-                self.host.run(["mount", "-o", "loop,nosuid,nodev", str(image), str(home)])
-            log.info("event=image_grown sliver=%s kib=%d how=offline", name, kib)
-            return []
-        self.host.run(["truncate", "-s", f"{size}K", str(image)])
-        self.host.run(["losetup", "-c", device])
-        reason = online.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
-        return [(f"sliver {name}: disk image not grown to {kib} KiB yet: online resize refused "
-                 f"({reason[0]}) and the home is in use")]
 
     def _create_image(self, image: Path, uid: int, gid: int, kib: int) -> None:
         self.host.makedirs_owned(self.images_dir, 0, 0, 0o700)
@@ -272,8 +251,9 @@ class DiskEnforcer:
         removes the image of a sliver destroyed while the daemon was down or killed between
         ``userdel`` and the image's removal. Returns the names swept. Idempotent."""
         keep = set(keep)
-        names = {f.removesuffix(".new").removesuffix(IMAGE_SUFFIX) for f in self.host.file_stamps(self.images_dir)
-                 if f.endswith((IMAGE_SUFFIX, IMAGE_SUFFIX + ".new"))}
+        names = {f.removesuffix(".new").removesuffix(GROW_SUFFIX).removesuffix(IMAGE_SUFFIX)
+                 for f in self.host.file_stamps(self.images_dir)
+                 if f.endswith((IMAGE_SUFFIX, IMAGE_SUFFIX + ".new", IMAGE_SUFFIX + GROW_SUFFIX))}
         staged = {d.removeprefix(STAGING_PREFIX) for d in self.host.list_dirs(self.home_root)
                   if d.startswith(STAGING_PREFIX)}
         with self._copying_lock:
@@ -303,6 +283,7 @@ class DiskEnforcer:
                 self.host.run(["losetup", "-d", leftover], check=False)
         self.host.remove_file(image)
         self.host.remove_file(image.with_name(image.name + ".new"))
+        self.host.remove_file(grow_marker(image))
 
     def overcommit(self) -> str | None:
         """A note when the images could grow past the free space of their filesystem: the
