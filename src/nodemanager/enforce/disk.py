@@ -165,6 +165,8 @@ class DiskEnforcer:
         elif 0 < quota_kib < size or quota_kib == 0:
             notes.append(f"sliver {name}: disk image stays at {size} KiB (quota {quota_kib} KiB): "
                          "images are not shrunk or dropped while in use")
+        if device is not None:  # after any mount: a first one, an offline grow's, one cut short by a crash
+            self._drop_lost_found(home)
         self.host.makedirs_owned(home, uid, gid, 0o700)
         return tuple(notes)
 
@@ -193,12 +195,16 @@ class DiskEnforcer:
                 with self._copying_lock:
                     self._copying.discard(name)
         self.host.run(["mount", "-o", options, str(image), str(home)])
+        log.info("event=image_mounted sliver=%s home=%s", name, home)
+        return notes
+
+    def _drop_lost_found(self, home: Path) -> None:
+        """Remove the filesystem's ``lost+found`` (root's, in the sliver's home) from a mounted
+        image; mkfs makes it, and so does every ``e2fsck`` that finds it missing."""
         lost = home / "lost+found"
         info = self.host.stat_file(lost)
         if info is not None and info.kind == "dir" and info.uid == 0:
             self.host.remove_dir(lost)
-        log.info("event=image_mounted sliver=%s home=%s", name, home)
-        return notes
 
     def _carry_over(self, name: str, image: Path, home: Path, uid: int, gid: int, options: str) -> list[str]:
         """Copy the home's content into the image and delete it from under the mount point,
