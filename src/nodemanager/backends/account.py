@@ -19,7 +19,8 @@ home still fails the operation (so it is retried) but cannot undo or prevent the
 **Destroy** locks the account and removes its keys first (no new login while it goes), stops
 every process, removes what the uid owns outside its home (:mod:`.leftovers`: shared
 directories, SysV IPC, cron and at jobs), lets enforcement tear down its state, then runs
-``userdel --remove``.
+``userdel --remove``. An account already gone (an administrator's ``userdel``) still has its
+enforcement state torn down, under the uid owning its home: its disk image would pin the home.
 
 **Homes are never adopted**: a ``home_root/ACCOUNT`` that exists before ``create`` is refused
 (``AccountConflict``), unless it is owned by this very slice's uid -- the leftover of the slice's own
@@ -53,7 +54,7 @@ from .access import DEFAULT_KEYS_DIR, OPEN_PASSWORD, KeyFiles, access_signature,
 from .delegate import SHELLS_FILE, DelegateAccounts, DelegateShell, default_forward_command, wrapper_path_for
 from .hooks import AccountHooks as AccountHooks  # re-exported
 from .leftovers import remove_leftovers
-from .ownership import check_home_free, refuse_taken, remove_orphan_home
+from .ownership import check_home_free, orphan_owner, refuse_taken, remove_orphan_home
 from .processes import GRACE_POLL as GRACE_POLL  # re-exported: the stop timing lives in .processes
 from .processes import KILL_PAUSE as KILL_PAUSE
 from .processes import KILL_ROUNDS as KILL_ROUNDS
@@ -300,8 +301,10 @@ class AccountBackend:
         home = self.home_of(name)
         with _failures(name, "destroy"):
             entry = self.host.getpwnam(account)
-            if entry is None:
-                self.keys.remove(account)
+            if entry is None:  # removed behind our back: what enforcement holds (the image
+                self.keys.remove(account)  # mounted on the home, cgroups) goes under the home's uid
+                if self.hooks is not None and (orphan := orphan_owner(self.host, home)) is not None:
+                    self.hooks.before_removal(name, orphan)
                 remove_orphan_home(self.host, name, home)
                 logger.info("sliver=%s event=destroyed account=%s note=already-absent", name, account)
                 return

@@ -7,7 +7,7 @@
   account, recognised by its owner: the slice's derived uid, which no other slice ever gets
   (:func:`check_home_free`).
 * After ``userdel``, a home is removed only when it is such a leftover: owned by neither root nor a
-  live account (:func:`remove_orphan_home`).
+  live account (:func:`remove_orphan_home`, :func:`orphan_owner`).
 """
 
 from __future__ import annotations
@@ -58,14 +58,23 @@ def check_home_free(host: Host, name: str, home: Path, uid: int) -> bool:
     return True
 
 
+def orphan_owner(host: Host, home: Path) -> int | None:
+    """The uid owning ``home`` when it is a leftover of a removed account (owned by neither
+    root nor a live account), else None."""
+    info = host.stat_file(home)
+    if info is None or info.uid == 0 or host.getpwuid(info.uid) is not None:
+        return None
+    return info.uid
+
+
 def remove_orphan_home(host: Host, name: str, home: Path) -> None:
     """Remove ``home`` when it is a leftover of a removed account: owned by neither root
     nor a live account (a directory made by someone else is kept)."""
     info = host.stat_file(home)
     if info is None:
         return
-    owner = host.getpwuid(info.uid)
-    if info.uid == 0 or owner is not None:
+    if orphan_owner(host, home) is None:
+        owner = host.getpwuid(info.uid)
         logger.warning("sliver=%s event=home-kept home=%s owner=%s", name, home,
                        owner.name if owner is not None else info.uid)
         return
