@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +33,9 @@ from nodemanager.core.records import Phase, Sliver
 from nodemanager.daemon import Node, build_node
 from nodemanager.testing.clock import ManualClock
 from nodemanager.testing.fakeauthority import FakeAuthority
+from nodemanager.testing.kernel import LAYOUTS
 
+from .fanout import fan_out
 from .simhost import SimHost, SimStore, SimulatedCrash
 
 PREFIX = "sim"
@@ -53,9 +55,11 @@ class Scenario:
 
     name: str
     steps: list[Step]
-    #: Seeds the world before the first node (foreign accounts, processes of nobody...).
+    #: Seeds the world before the first node (foreign accounts, strays of slivers...).
     setup: Callable[[World], None] = lambda world: None
     enforce: bool = True
+    #: The machine's cgroup layout (``nodemanager.testing.kernel.LAYOUTS``).
+    layout: str = "hybrid"
 
 
 @dataclass
@@ -69,6 +73,8 @@ class World:
     config: Config
     #: Effects of the machine that must never be touched (foreign accounts and their files).
     foreign: dict[str, Any] = field(default_factory=dict)
+    #: Files slivers wrote (path -> (sliver, content)): no crash may lose those of a live one.
+    expect: dict[Path, tuple[str, bytes]] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -114,9 +120,11 @@ def make_world(scenario: Scenario) -> World:
         "enforce": {"cpu": scenario.enforce, "memory": scenario.enforce, "bandwidth": scenario.enforce,
                     "disk": scenario.enforce, "uplink": "eth0"},
     })
-    world = World(base=base, host=SimHost(), authority=FakeAuthority(), clock=ManualClock(), config=config)
+    world = World(base=base, host=SimHost(LAYOUTS[scenario.layout]), authority=FakeAuthority(), clock=ManualClock(),
+                  config=config)
     world.host.dirs[HOME_ROOT] = (0, 0, 0o755)
     scenario.setup(world)
+    world.host.effects.clear()  # what the world starts with is no effect of the node
     return world
 
 
@@ -197,8 +205,9 @@ class Exploration:
 
 
 def explore(scenario: Scenario, check: Callable[[World, Node, list[Sliver]], list[str]],
-            *, stride: int = 1) -> Exploration:
-    """Crash ``scenario`` at every ``stride``-th effect index (module docstring)."""
+            *, stride: int = 1, processes: int | None = None) -> Exploration:
+    """Crash ``scenario`` at every ``stride``-th effect index (module docstring), the points
+    shared among ``processes`` (default: one per CPU; see ``fanout``)."""
     transitions: set[tuple[Phase, Phase]] = set()
     with recording_transitions(transitions):
         world = make_world(scenario)
@@ -211,11 +220,31 @@ def explore(scenario: Scenario, check: Callable[[World, Node, list[Sliver]], lis
                 problems = check(world, node, final)
             finally:
                 kill(node)
-            result = Exploration(scenario.name, total, transitions=transitions)
-            result.failures += [f"{scenario.name} without a crash: {p}" for p in problems]
         finally:
             shutil.rmtree(world.base, ignore_errors=True)
-        for k in range(0, total, stride):
+    result = Exploration(scenario.name, total, transitions=transitions)
+    result.failures += [f"{scenario.name} without a crash: {p}" for p in problems]
+    shares = fan_out(lambda ks: crash_at(scenario, check, final, ks), range(0, total, stride), processes)
+    for share in shares:
+        result.crash_points += share.crash_points
+        result.failures += share.failures
+        result.transitions |= share.transitions
+    result.failures.sort(key=_crash_point)
+    return result
+
+
+def _crash_point(failure: str) -> int:
+    """The effect index a failure text names (``NAME k=12 ...``); -1 for the crash-free run."""
+    _, found, rest = failure.partition(" k=")
+    return int(rest.split(maxsplit=1)[0].rstrip(":")) if found else -1
+
+
+def crash_at(scenario: Scenario, check: Callable[[World, Node, list[Sliver]], list[str]], final: list[Sliver],
+             points: Sequence[int]) -> Exploration:
+    """Crash ``scenario`` at each effect index of ``points`` in turn, recover on ``final``, check."""
+    result = Exploration(scenario.name, 0)
+    with recording_transitions(result.transitions):
+        for k in points:
             world = make_world(scenario)
             try:
                 world.host.arm(k)

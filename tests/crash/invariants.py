@@ -11,8 +11,10 @@ Checked on the world a restarted node has converged on:
   (and their homes, files and processes) are exactly as they were;
 * no sliver stays in a transitional or failed phase once its operation can succeed (only a
   sliver whose name a foreign account holds may stay failed), and nothing is left to plan;
-* every live sliver is enforced, and nothing of a sliver that is gone remains (``kernel``'s
-  view of cgroups, HTB classes, nft entries, mounts and images; keys files; processes).
+* every live sliver is enforced, and nothing of a sliver that is gone remains: processes here;
+  cgroups, HTB classes, nft entries, mounts, loop devices, images, keys, homes, files in shared
+  directories and SysV IPC in ``kernel_invariants`` (``EXTRA_CHECKS``), which also requires that
+  another enforcement pass changes nothing.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from nodemanager.core.records import Phase, Sliver
 from nodemanager.daemon import Node
 
 from .harness import PREFIX, UID_BASE, World
+from .kernel_invariants import KERNEL_CHECKS
 
-#: Extra checks of the machine model (kernel objects), added as enforcement is modelled.
-EXTRA_CHECKS: list[Callable[[World, Node, set[str]], list[str]]] = []
+#: Checks of the machine model's kernel objects (``kernel_invariants``), given the live slivers.
+EXTRA_CHECKS: list[Callable[[World, Node, set[str]], list[str]]] = list(KERNEL_CHECKS)
 
 
 def wanted_names(node: Node, now: float) -> set[str]:

@@ -16,6 +16,7 @@ from nodemanager.core.records import DELEGATED, NM_CONTROLLER, Sliver
 from nodemanager.testing.fakeauthority import make_sliver
 
 from .harness import HOME_ROOT, PREFIX, UID_BASE, Run, Scenario, World
+from .outside import seed_strays, sliver_litters, sliver_writes_home
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICrashSimKey{:022d} sim@test"
 
@@ -53,16 +54,18 @@ def seed_foreign(world: World) -> None:
     host.dirs[HOME_ROOT / name] = (entry.uid, entry.gid, 0o700)
     host.atomic_write(HOME_ROOT / name / "data", b"theirs", uid=entry.uid, gid=entry.gid, mode=0o600)
     host.add_process(entry.uid)
-    host.effects.clear()
     from .invariants import snapshot_foreign
 
     world.foreign = {"names": ["site_foreign"], "accounts": [name], "uids": [entry.uid]}
     world.foreign["snapshot"] = snapshot_foreign(world)
 
 
-def scenarios(size: int = 2, seed: int = 0) -> list[Scenario]:
+def scenarios(size: int = 2, seed: int = 0, layout: str = "hybrid") -> list[Scenario]:
+    """Every scenario with ``size`` slivers, attribute changes drawn from ``seed``, on a
+    machine of cgroup ``layout``."""
     rng = random.Random(seed)
     base = [sliver(i) for i in range(size)]
+    no_quota = [replace(s, attributes=(("nm_cpu_share", "2"), ("nm_disk_quota", "0"))) for s in base]
     foreign = make_sliver("site_foreign", slice_id=999)
     changed = [replace(s, keys=(KEY.format(100 + i),), attributes=(("nm_cpu_share", str(rng.randint(1, 9))),))
                for i, s in enumerate(base)]
@@ -75,7 +78,11 @@ def scenarios(size: int = 2, seed: int = 0) -> list[Scenario]:
                                 lambda run: run.call("Stop", base[0].name),
                                 lambda run: run.call("Start", base[0].name),
                                 lambda run: run.call("Stop", base[-1].name)]),
-        Scenario("destroy", [publish_and_sync(base + [sliver(size)]), publish_and_sync(base)]),
+        Scenario("destroy", [publish_and_sync(base + [sliver(size)]),
+                             sliver_litters(sliver(size)), sliver_litters(base[0]), sliver_writes_home(sliver(size)),
+                             publish_and_sync(base)]),
+        Scenario("disk-quota", [publish_and_sync(no_quota), sliver_writes_home(base[0]), publish_and_sync(base)]),
+        Scenario("strays", [publish_and_sync(base)], setup=seed_strays),
         Scenario("drift", [publish_and_sync(base), lambda run: run.call("Stop", base[-1].name),
                            lambda run: [_remove_behind(run, s) for s in base], sync]),
         Scenario("failures", [
@@ -102,6 +109,8 @@ def scenarios(size: int = 2, seed: int = 0) -> list[Scenario]:
                                    publish_and_sync([]),
                                    lambda run: run.sync(allow_mass_delete=True)]),
     ]
+    for scenario in result:
+        scenario.layout = layout
     return result
 
 

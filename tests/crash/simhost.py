@@ -1,7 +1,7 @@
 """SimHost: the fake machine of the crash simulation, which can die at any effect.
 
-It is :class:`~nodemanager.testing.fakehost.FakeHost` (every OS effect recorded, nothing reaches
-the real machine) plus two things:
+It is :class:`~nodemanager.testing.kernel.KernelHost` (a FakeHost: every OS effect recorded,
+nothing reaches the real machine; with a model of the kernel objects enforcement manages) plus:
 
 * **effects are numbered.** Every call that changes the machine -- a file written or removed, a
   directory made, a cgroup file written, a signal, a program started, a command that is not a
@@ -10,8 +10,11 @@ the real machine) plus two things:
   and every later call of any kind raise it too: the daemon process is dead, its threads stop at
   their next contact with the world. What happened before ``k`` stays (the machine and the store
   file survive a ``kill -9``), what would have happened after never does.
-* **a machine model** of the kernel objects enforcement manages (see ``kernel.py``), so that the
-  invariants can ask "which cgroups, HTB classes, nft entries, mounts and images exist".
+* **queries are not effects**: reads of files and commands that only look (:data:`READS`,
+  :data:`QUERIES`) never count and never crash; so the crash points are exactly the changes.
+
+The machine model (``nodemanager.testing.kernel``) is what lets the invariants ask which
+cgroups, HTB classes, nft entries, mounts, loop devices and images exist.
 
 The crash is a ``BaseException`` on purpose: the node's per-sliver guards catch ``Exception``
 (every failure of an operation is that sliver's), and a crash must pass through them as a real
@@ -25,8 +28,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from nodemanager.enforce.cgroups import Hierarchy
 from nodemanager.store import Store
-from nodemanager.testing.fakehost import FakeHost
+from nodemanager.testing.kernel import HYBRID, KernelHost
 
 #: FakeHost methods that only look: never an effect, never a crash point.
 READS = frozenset({
@@ -41,7 +45,7 @@ QUERIES: tuple[tuple[str, ...], ...] = (
     ("nft", "-j", "list"), ("nft", "list"),
     ("ip", "-j", "route"), ("ip", "link", "show"), ("ip", "-j", "link"),
     ("losetup", "-J"), ("losetup", "-V"), ("findmnt",), ("mkfs.ext4", "-V"), ("quotaon", "-p"),
-    ("repquota",), ("setquota", "-V"), ("sshd", "-T"), ("find", "-V"), ("id",), ("ipcs",),
+    ("repquota",), ("setquota", "-V"), ("sshd", "-T"), ("find", "-V"), ("id",), ("ipcs",), ("stat", "-f"),
 )
 
 
@@ -49,11 +53,11 @@ class SimulatedCrash(BaseException):
     """The node died here (``kill -9``): nothing of it runs after this point."""
 
 
-class SimHost(FakeHost):
+class SimHost(KernelHost):
     """A FakeHost whose effects are numbered and can crash (module docstring). Thread-safe."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, hierarchies: Sequence[Hierarchy] = HYBRID) -> None:
+        super().__init__(hierarchies)
         self._sim_lock = threading.RLock()
         self.effects: list[tuple[object, ...]] = []
         self.crash_at: int | None = None
@@ -87,16 +91,23 @@ class SimHost(FakeHost):
 
     # --- FakeHost hooks ---------------------------------------------------------------------
     def _record(self, method: str, *args: object) -> None:
-        if method in READS:
+        if method in READS or self._changes_nothing(method, args):
             self._alive()
         else:
             self.effect((method, *args[:1]))
         super()._record(method, *args)
 
+    def _changes_nothing(self, method: str, args: tuple[object, ...]) -> bool:
+        """A call that would leave the machine as it is (``makedirs_owned`` of a directory that
+        exists with that owner and mode): dying there is dying at the next effect, so it is not
+        a crash point of its own."""
+        return method == "makedirs_owned" and self.dirs.get(args[0]) == args[1:4]  # type: ignore[call-overload]
+
     def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 60,
             check: bool = True):  # noqa: ANN201 - CommandResult
         args = tuple(str(a) for a in argv)
-        if any(args[: len(q)] == q for q in QUERIES) or _is_query(args):
+        named = (Path(args[0]).name, *args[1:])  # /usr/sbin/sshd is sshd
+        if any(named[: len(q)] == q for q in QUERIES) or _is_query(named):
             self._alive()
         else:
             self.effect(("run", *args[:3]))
@@ -108,8 +119,9 @@ class SimHost(FakeHost):
 
 
 def _is_query(args: tuple[str, ...]) -> bool:
-    """Queries whose argv does not start with a fixed prefix (``find DIR ... -printf``)."""
-    return args[:1] == ("find",) and "-printf" in args and "-delete" not in args
+    """Queries whose argv does not start with a fixed prefix (``find DIR ... -printf``, ``find
+    HOME ... -print -quit``): a ``find`` that deletes nothing."""
+    return args[:1] == ("find",) and "-delete" not in args
 
 
 class SimStore(Store):
