@@ -403,10 +403,7 @@ class FakeHost(Host):
             raise BackendError(f"refusing to signal pid {pid}")
         if pid not in self.processes or (uid is not None and self.processes[pid] != uid):
             return
-        if sig == signal.SIGKILL and pid not in self.immortal:
-            del self.processes[pid]
-        elif sig == signal.SIGTERM and pid not in self.ignore_term and pid not in self.immortal:
-            del self.processes[pid]
+        self._deliver(pid, sig)
 
     def signal_pids(self, pids: Iterable[int], sig: int, *, uid: int | None = None,
                     check: Callable[[int], bool] | None = None) -> int:
@@ -421,11 +418,16 @@ class FakeHost(Host):
             if check is not None and not check(pid):
                 continue
             sent += 1
-            if sig == signal.SIGKILL and pid not in self.immortal:
-                del self.processes[pid]
-            elif sig == signal.SIGTERM and pid not in self.ignore_term and pid not in self.immortal:
-                del self.processes[pid]
+            self._deliver(pid, sig)
         return sent
+
+    def _deliver(self, pid: int, sig: int) -> None:
+        """What a signal does to a live process: SIGKILL ends it unless ``immortal``, SIGTERM
+        unless it is also in ``ignore_term``."""
+        if sig == signal.SIGKILL and pid not in self.immortal:
+            del self.processes[pid]
+        elif sig == signal.SIGTERM and pid not in self.ignore_term and pid not in self.immortal:
+            del self.processes[pid]
 
     def open_proc_events(self) -> FakeProcEvents:  # type: ignore[override]
         self._record("open_proc_events")

@@ -14,11 +14,11 @@ the mounted hierarchies behave like cgroups:
 * writes are checked and normalised as the kernel does (``cpu.shares`` clamped, memory limits
   rounded to pages, ``-1`` read back as v1's unlimited, ``EINVAL``/``ERANGE`` refused); a file the
   group does not have cannot be written (cgroupfs creates no files);
-* ``cgroup.kill`` kills every member (descendants included); ``freezer.state`` reaches FROZEN
-  unless ``stuck_freezing``; a group with live members or child groups cannot be removed; v2's
-  "no internal processes" rule holds for groups that enable controllers.
-
-Signals and freezing are simplified: a frozen process still dies at once when killed.
+* ``cgroup.kill`` kills every member (descendants included, frozen ones too); ``freezer.state``
+  reaches FROZEN unless ``stuck_freezing``; a group with live members or child groups cannot be
+  removed; v2's "no internal processes" rule holds for groups that enable controllers.
+* signals wait while a process is frozen by v1's freezer (FROZEN, not FREEZING): a SIGKILL sent
+  then takes effect when its group is thawed, as on v1 kernels. (v2 lets a frozen task die.)
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ class CgroupHost(FakeHost):
         self.frozen_v2: set[Path] = set()
         #: v2 ``cgroup.subtree_control`` per group.
         self.subtree: dict[Path, set[str]] = {}
+        #: Signals sent to processes frozen by a v1 freezer, delivered when it thaws them.
+        self.pending: dict[int, list[int]] = {}
         self._where: dict[Path, Hierarchy | None] = {}
         for h in self.hierarchies:
             self.dirs[h.mount] = (0, 0, 0o755)
@@ -239,6 +241,11 @@ class CgroupHost(FakeHost):
             if value not in ("FROZEN", "THAWED"):
                 raise _refuse(path, "Invalid argument")
             self.freezer[group] = "FREEZING" if value == "FROZEN" and self.stuck_freezing else value
+            if value == "THAWED":
+                for pid in self.live_below(group):
+                    for sig in sorted(self.pending.pop(pid, []), reverse=True):  # SIGTERM (15) before SIGKILL (9)
+                        if pid in self.processes:
+                            super()._deliver(pid, sig)
         elif name == "cgroup.freeze":
             if value not in ("0", "1"):
                 raise _refuse(path, "Invalid argument")
@@ -323,6 +330,14 @@ class CgroupHost(FakeHost):
         return " ".join(sorted(self.subtree.get(group, set()))) + "\n"
 
     # --- processes ----------------------------------------------------------------------------
+    def _deliver(self, pid: int, sig: int) -> None:
+        frozen = any(self.freezer.get(self.group_of(pid, h)) == "FROZEN"
+                     for h in self.hierarchies if h.version == 1 and "freezer" in h.controllers)
+        if frozen:
+            self.pending.setdefault(pid, []).append(sig)
+        else:
+            super()._deliver(pid, sig)
+
     def spawn_detached(self, argv: Sequence[str], *, uid: int, gid: int, home: Path, env: Mapping[str, str],
                        log_path: Path, cgroups: Sequence[Path] = (), groups: Sequence[int] | None = None) -> None:
         missing = [Path(c) for c in cgroups if not self.is_group(Path(c))]
