@@ -278,6 +278,7 @@ class Node:
                                  if self.backend.kind == "hollow" else "none: enforcement is disabled"})
         else:
             self.enforcement.probe()
+            self.enforcement.thaw_stops_cut_short()  # no worker runs yet: nothing is being stopped
             for resource, mechanism in sorted(self.enforcement.describe().items()):
                 logger.info("event=enforcement resource=%s mechanism=%r", resource, mechanism)
             self.store.set_meta({Meta.ENFORCEMENT: "; ".join(self.enforcement.problems()) or "ok"})

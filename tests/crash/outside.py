@@ -64,6 +64,19 @@ def sliver_litters(victim: Sliver):  # noqa: ANN201 - a Step
     return step
 
 
+def sliver_ignores_term(victim: Sliver):  # noqa: ANN201 - a Step
+    """The sliver's processes ignore SIGTERM: stopping it takes the cgroup (``cgroup.kill``, or
+    the freezer and SIGKILL)."""
+
+    def step(run: Run) -> None:
+        host = run.world.host
+        entry = host.users.get(PREFIX + victim.name)
+        if entry is not None:
+            host.ignore_term.update(host.pids_of_uid(entry.uid))
+
+    return step
+
+
 def seed_strays(world: World) -> None:
     """An earlier node died and its store was lost: a sliver it had (uid ``STRAY_UID``) still has
     its groups in every hierarchy with a process in them working in its home, its image mounted

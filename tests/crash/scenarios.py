@@ -16,7 +16,7 @@ from nodemanager.core.records import DELEGATED, NM_CONTROLLER, Sliver
 from nodemanager.testing.fakeauthority import make_sliver
 
 from .harness import HOME_ROOT, PREFIX, UID_BASE, Run, Scenario, World
-from .outside import seed_strays, sliver_litters, sliver_writes_home
+from .outside import seed_strays, sliver_ignores_term, sliver_litters, sliver_writes_home
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICrashSimKey{:022d} sim@test"
 
@@ -74,7 +74,7 @@ def scenarios(size: int = 2, seed: int = 0, layout: str = "hybrid") -> list[Scen
     result = [
         Scenario("create", [publish_and_sync(base + [foreign])], setup=seed_foreign),
         Scenario("configure", [publish_and_sync(base), publish_and_sync(changed)]),
-        Scenario("start-stop", [publish_and_sync(base),
+        Scenario("start-stop", [publish_and_sync(base), sliver_ignores_term(base[0]), sliver_ignores_term(base[-1]),
                                 lambda run: run.call("Stop", base[0].name),
                                 lambda run: run.call("Start", base[0].name),
                                 lambda run: run.call("Stop", base[-1].name)]),

@@ -271,6 +271,22 @@ class CgroupTree:
         if found is not None:
             self.host.write_text(found[0], found[2])
 
+    def thaw_all(self) -> list[str]:
+        """Thaw every sliver group under our parent that is frozen (or freezing); returns their
+        names. A group that cannot be thawed is logged and left."""
+        thawed = []
+        for name in sorted({child for h in self.used() for child in self.children(h)}):
+            found = self._freezer(name)
+            if found is None or self.read(found[0]) == found[2]:
+                continue
+            try:
+                self.host.write_text(found[0], found[2])
+            except BackendError as exc:
+                log.warning("event=thaw_failed sliver=%s error=%r", name, str(exc))
+                continue
+            thawed.append(name)
+        return thawed
+
 
 def _cgroup_paths(text: str) -> list[tuple[str, str, str]]:
     lines = []

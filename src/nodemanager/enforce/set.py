@@ -117,6 +117,18 @@ class EnforcementSet:
         for problem in self.problems():
             log.warning("event=enforcement_unavailable problem=%r", problem)
 
+    def thaw_stops_cut_short(self) -> list[str]:
+        """At start, before any worker runs: a group of ours still frozen is a stop cut short by
+        a crash (a group is frozen only inside a stop, ``enforce.tasks``). Thaw it, or the sliver
+        -- and every login placed into its group -- stays frozen for ever; its processes resume,
+        or die of the SIGKILL they were sent while frozen (v1). Returns the groups thawed."""
+        if self.tree is None:
+            return []
+        thawed = self.tree.thaw_all()
+        for name in thawed:
+            log.warning("event=frozen_group_thawed sliver=%s reason=stop-cut-short", name)
+        return thawed
+
     def _cgroup_enforcers(self) -> list[CpuEnforcer | MemoryEnforcer | PidsEnforcer]:
         return [e for e in self.enforcers if isinstance(e, _CGROUP_ENFORCERS)]
 
