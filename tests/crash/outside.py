@@ -17,7 +17,7 @@ from .harness import HOME_ROOT, PREFIX, UID_BASE, Run, World
 
 #: The uid of a sliver that is gone, whose state nothing in the store remembers.
 STRAY_UID = UID_BASE + 77
-STRAY, HALF, GONE = PREFIX + "site_stray", PREFIX + "site_half", PREFIX + "site_gone"
+STRAY, HALF, GONE, ATTACHED = (PREFIX + n for n in ("site_stray", "site_half", "site_gone", "site_loop"))
 
 
 def sliver_writes_home(victim: Sliver):  # noqa: ANN201 - a Step
@@ -81,7 +81,9 @@ def seed_strays(world: World) -> None:
     """An earlier node died and its store was lost: a sliver it had (uid ``STRAY_UID``) still has
     its groups in every hierarchy with a process in them working in its home, its image mounted
     on that home, its HTB class and nft map entry; another's image is still mounted at a staging
-    point; a third's image was never finished (``.img.new``). Nothing in the store knows them."""
+    point; a third's image was never finished (``.img.new``); a fourth's is attached to a loop
+    device that is not auto-cleared (``losetup -f``), mounted nowhere. Nothing in the store knows
+    them."""
     host = world.host
     images = world.config.data_dir / "images"
     home = HOME_ROOT / STRAY
@@ -96,6 +98,10 @@ def seed_strays(world: World) -> None:
         host.run(["mount", "-o", "loop,nosuid,nodev", image, str(target)])
     host.add_file(home / "data", b"old", uid=STRAY_UID, gid=STRAY_UID, mode=0o600)  # on the image
     host.run(["truncate", "-s", "10240K", str(images / f"{GONE}.img.new")])
+    attached = str(images / f"{ATTACHED}.img")
+    host.run(["truncate", "-s", "10240K", attached])
+    host.run(["mkfs.ext4", "-q", "-F", "-m", "0", attached])
+    host.storage.attach(Path(attached))
     groups = [h.mount / "nodemanager" / STRAY for h in host.hierarchies]
     for group in groups:
         host.makedirs_owned(group, 0, 0, 0o755)

@@ -226,3 +226,13 @@ def test_kernel_interface_files_are_not_created_by_writing_and_directories_not_r
     host.add_file(Path("/d/f"))
     with pytest.raises(BackendError, match="not empty"):
         host.remove_dir(Path("/d"))
+
+
+def test_a_loop_device_attached_by_losetup_stays_until_detached() -> None:
+    host = image_host()
+    device = host.storage.attach(IMAGE)
+    host.run(["findmnt", "-V"])  # any command: auto-clearing would happen here
+    assert device in host.storage.loops
+    host.run(["losetup", "-d", device])
+    assert host.storage.loops == {}
+    assert host.run(["losetup", "-d", device], check=False).returncode == 1

@@ -9,9 +9,9 @@ filesystem, loop devices, and mounts that hide what their target held.
   had when attached or at the last ``losetup -c``; ``resize2fs DEVICE`` grows the filesystem to
   that capacity (online), ``resize2fs FILE`` to the file's size (offline, after ``e2fsck -f``,
   which also makes ``lost+found`` again when it is missing).
-  Every loop device is made by ``mount -o loop`` and so is auto-cleared: it goes when its last
-  mount goes and no process still holds a lazily unmounted filesystem; ``losetup -d`` of a device
-  in use only marks it so. ``losetup -J -l`` lists devices with their backing file's current path
+  A loop device made by ``mount -o loop`` is auto-cleared: it goes when its last mount goes and
+  no process still holds a lazily unmounted filesystem; ``losetup -d`` of a device in use only
+  marks it so, of one not in use detaches it. ``losetup -J -l`` lists devices with their backing file's current path
   (`` (deleted)`` once unlinked or replaced).
 * A **mount** swaps namespaces: while a volume is mounted on a directory, what the directory held
   is hidden and the volume's content is what every file operation there sees; on ``umount`` what
@@ -72,6 +72,9 @@ class Loop:
     capacity: int
     #: Processes still using a lazily unmounted filesystem of this device.
     holders: set[int] = field(default_factory=set)
+    #: Made by ``mount -o loop``: detached with its last use. (``losetup -f FILE`` makes one
+    #: that stays until ``losetup -d``: :meth:`Storage.attach`.)
+    autoclear: bool = True
 
 
 @dataclass
@@ -130,8 +133,20 @@ class Storage:
         mounted = {m.loop.name for m in self.mounts}
         for name, loop in list(self.loops.items()):
             loop.holders &= set(self.host.processes)
-            if name not in mounted and not loop.holders:
+            if loop.autoclear and name not in mounted and not loop.holders:
                 del self.loops[name]
+
+    def attach(self, image: Path) -> str:
+        """What ``losetup -f --show IMAGE`` does (not a command of the node's: an administrator's,
+        or an older version's): a loop device that stays until detached. Returns its name."""
+        volume = self.volume(image)
+        assert volume is not None, image
+        name = self._free_loop()
+        self.loops[name] = Loop(name, volume, image, volume.size, autoclear=False)
+        return name
+
+    def _free_loop(self) -> str:
+        return next(f"/dev/loop{n}" for n in range(len(self.loops) + 1) if f"/dev/loop{n}" not in self.loops)
 
     # --- commands --------------------------------------------------------------------------------
     def run(self, args: list[str], caller: tuple[int, int] | None) -> Answer:
@@ -235,7 +250,9 @@ class Storage:
                 loop.capacity = loop.volume.size
             elif not any(m.loop is loop for m in self.mounts) and not loop.holders:
                 del self.loops[rest[1]]
-            return OK  # a device in use is only marked auto-clear (it already is)
+            else:
+                loop.autoclear = True  # a device in use is only marked: it goes with its last use
+            return OK
         raise Unmodelled("losetup " + " ".join(rest))
 
     def _mount(self, rest: list[str]) -> Answer:
@@ -254,8 +271,7 @@ class Storage:
             raise Unmodelled(f"mount {image} on {target}: it is already mounted (one mount per volume is modelled)")
         loop = next((lp for lp in self.loops.values() if lp.volume is volume), None)
         if loop is None:
-            number = next(n for n in range(len(self.loops) + 1) if f"/dev/loop{n}" not in self.loops)
-            loop = Loop(f"/dev/loop{number}", volume, image, volume.size)
+            loop = Loop(self._free_loop(), volume, image, volume.size)
             self.loops[loop.name] = loop
         files, dirs = self.host.files, self.host.dirs
         hidden_files = {p: f for p, f in files.items() if below(p, target)}
