@@ -5,8 +5,9 @@ For every live sliver (a managed account): its group exists in every hierarchy t
 with the limits of its effective RSpec (the CPU weight the enforcer's arithmetic gives it, its
 memory limit, ``pids.max``), unfrozen, holding every process of its uid; it has exactly one HTB
 class with the plan's rate, ceil and quantum and the nft map sends its uid there; and when its
-``nm_disk_quota`` is above 0, its image is mounted on its home, root-owned 0600, with a
-filesystem at least the quota's size.
+``nm_disk_quota`` is above 0, its image is mounted on its home (once), root-owned 0600, with a
+filesystem at least the quota's size filling its file (not half grown), and no ``lost+found`` of
+root's in the home. What live slivers wrote (in their homes, in /tmp...) is still theirs.
 
 Of everything else -- slivers that are gone, strays of slivers the node never knew -- nothing
 remains: no group under our parent in any hierarchy, no HTB class or map entry, no mount under
@@ -137,7 +138,6 @@ def check_disk(world: World, node: Node, live: set[str]) -> list[str]:
     rspecs, uids, homes = loop.targets()
     accounts = {PREFIX + name for name in live}
     problems: list[str] = []
-    by_target = {m.target: m for m in storage.mounts}
     live_images = {enforcer.image_of(a) for a in accounts}
     for account in sorted(accounts):
         quota = rspecs.get(account, {}).get("nm_disk_quota", 0)
@@ -156,7 +156,7 @@ def check_disk(world: World, node: Node, live: set[str]) -> list[str]:
             problems.append(f"{account}: image {image} is {info.uid} {info.mode:o}, not root 600")
         if not mounted or mounted[-1].loop.volume is not volume:
             problems.append(f"{account}: its image is not mounted on its home {homes.get(account)}")
-        if volume.fs_size < quota * 1024 or volume.fs_size > volume.size:
+        if volume.fs_size < quota * 1024 or volume.fs_size != volume.size:  # short, or half grown
             problems.append(f"{account}: image filesystem of {volume.fs_size // 1024} KiB in a file of "
                             f"{volume.size // 1024} KiB for a quota of {quota} KiB")
         home = homes.get(account)
@@ -164,8 +164,8 @@ def check_disk(world: World, node: Node, live: set[str]) -> list[str]:
             problems.append(f"{account}: home {home} is {host.dirs.get(home)} (not its uid's)")
         if home is not None and host.dirs.get(home / "lost+found", (None,))[0] == 0:
             problems.append(f"{account}: root's lost+found is in its home")
+    home_of = {homes[a]: a for a in accounts if a in homes}
     for mount in storage.mounts:
-        home_of = {homes[a]: a for a in accounts if a in homes}
         inside = HOME_ROOT in mount.target.parents or enforcer.images_dir in [mount.target, *mount.target.parents]
         if inside and mount.target not in home_of:
             problems.append(f"mount of {storage.back_file(mount.loop)} on {mount.target} (no live sliver's home)")
