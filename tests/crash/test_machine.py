@@ -87,3 +87,21 @@ def test_a_command_the_model_does_not_know_breaks_the_invariants() -> None:
         assert any("does not know: tc filter add" in p for p in problems)
     finally:
         shutil.rmtree(world.base, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("scenario", "broken", "found"), [
+    ("strays", "nodemanager.enforce.set.EnforcementSet.sweep", "cgroup /cg/cpu/nodemanager/simsite_stray of no live"),
+    ("destroy", "nodemanager.backends.account.remove_leftovers", "/tmp/scratch-site_s2 of uid 200012"),
+    ("disk-quota", "nodemanager.enforce.disk.DiskEnforcer._carry_over", "written by live sliver site_s0, is gone"),
+    ("destroy", "nodemanager.enforce.set.EnforcementSet.place_processes", "is in /cg/cpu, not /cg/cpu/nodemanager"),
+])
+def test_the_invariants_catch_a_broken_product(scenario: str, broken: str, found: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one piece of the product disabled, the simulation reports what it leaves undone."""
+    from .harness import explore
+    from .invariants import check_invariants
+
+    monkeypatch.setattr(broken, lambda *args, **kwargs: [] if "carry" in broken else None)
+    result = explore(next(s for s in scenarios(2, 0) if s.name == scenario), check_invariants, stride=50,
+                     processes=1)
+    assert any(found in failure for failure in result.failures), result.failures[:5]
