@@ -17,6 +17,9 @@ It keeps just enough state for backend logic to be tested without root:
 * a manual clock: ``sleep`` advances ``monotonic``;
 * failures on cue: ``fail_next("useradd")`` makes the next ``useradd`` command fail,
   ``fail_next("makedirs_owned")`` the next call of that method.
+
+Every other command succeeds with no output; :class:`nodemanager.testing.kernel.KernelHost`
+answers them (``_execute``) from a model of the kernel objects enforcement manages.
 """
 
 from __future__ import annotations
