@@ -29,6 +29,8 @@ from .logsetup import configure_logging
 from .status import render_status
 
 DEMO_PREFIX = "demo"
+#: The demo slivers' group (a real node's is ``slivers``); removed with the demo's accounts.
+DEMO_GROUP = "demoslivers"
 BANNER = "=" * 78
 
 
@@ -50,6 +52,9 @@ def demo_config(work: Path, authority_url: str, *, real: bool) -> Config:
             "backend": "account" if real else "hollow",
             "name_prefix": DEMO_PREFIX,
             "stop_grace": 2,
+            # the demo's own keys directory and sliver group: nothing of a real node's is touched
+            "keys_dir": str(work / "authorized_keys"),
+            "group": DEMO_GROUP,
         },
         # CPU and memory cgroups are harmless on a workstation; shaping its uplink or mounting
         # disk images is not what a demo should do (a real node enables them, the default).
@@ -72,6 +77,8 @@ def remove_demo_accounts(config: Config) -> list[str]:
             if state.owned:
                 node.operations.destroy(name)
                 removed.append(name)
+        if node.host.getgrnam(DEMO_GROUP) is not None:
+            node.host.run(["groupdel", DEMO_GROUP], check=False)
         return removed
     finally:
         node.close()

@@ -46,3 +46,6 @@ def test_demo_real_accounts_appear_and_are_removed(tmp_path: Path) -> None:
     table = result.stdout.split("--- sync at", 1)[1]
     assert "site_alpha" in table and "running" in table
     assert demo_accounts() == set()
+    # the demo kept its keys and sliver group to itself, and took the group away again
+    assert (tmp_path / "demo" / "authorized_keys").is_dir()  # its files went with the accounts
+    assert subprocess.run(["getent", "group", "demoslivers"], capture_output=True).returncode != 0
