@@ -46,7 +46,9 @@ def write_document(path: Path, timestamp: int, generation: int, rng: random.Rand
         name = f"site_s{i:04d}" if i < STABLE else f"site_t{generation % 7}{i:04d}"
         share = 1 + (i + (generation if rng.random() < 0.05 else 0)) % 8
         slivers.append({
-            "name": name, "slice_id": i + 1, "instantiation": "plc-instantiated", "expires": expires,
+            # a slice's id is its own for life (its uid derives from it): never reused by another
+            "name": name, "slice_id": 1 + (generation % 7 if i >= STABLE else 7) * size + i,
+            "instantiation": "plc-instantiated", "expires": expires,
             "keys": [{"key_type": "ssh", "key": KEY.format(i)}],
             "attributes": [{"tagname": "cpu_share", "value": str(share)},
                            {"tagname": "net_max_rate", "value": str(1000 + i)}],
@@ -123,17 +125,17 @@ def main() -> int:
         return client_main(socket_path, int(threads), float(seconds), methods.split(","), out)
 
     from nodemanager.config import parse_config
-    from nodemanager.daemon import Node, build_node
+    from nodemanager.daemon import build_node
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s %(message)s")
     base = Path(tempfile.mkdtemp(prefix="nm-soak-"))
     try:
-        return soak(args, base, parse_config, Node)
+        return soak(args, base, parse_config, build_node)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def soak(args: argparse.Namespace, base: Path, parse_config, Node) -> int:  # noqa: ANN001, N803
+def soak(args: argparse.Namespace, base: Path, parse_config, build_node) -> int:  # noqa: ANN001
     rng = random.Random(6)
     doc = base / "slivers.json"
     (base / "node_id").write_text("1\n")
