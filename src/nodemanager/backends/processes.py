@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ..core.errors import BackendError
+from ..core.records import StopOutcome
 from ..host import Host
 
 __all__ = ["GRACE_POLL", "KILL_PAUSE", "KILL_ROUNDS", "StopOutcome", "stop_processes"]
@@ -28,14 +28,6 @@ KILL_ROUNDS = 50
 KILL_PAUSE = 0.05
 #: How often the grace period checks whether the processes are gone.
 GRACE_POLL = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class StopOutcome:
-    """What a stop took: how many processes got SIGTERM, and how many SIGKILL rounds."""
-
-    termed: int
-    kill_rounds: int
 
 
 def stop_processes(host: Host, uid: int, grace: float) -> StopOutcome | None:

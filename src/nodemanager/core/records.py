@@ -194,6 +194,15 @@ class ObservedAccount:
 
 
 @dataclass(frozen=True, slots=True)
+class StopOutcome:
+    """What stopping a sliver took: how many processes were sent SIGTERM, and how many rounds of
+    killing followed the grace period (through its cgroup, or by pid without one)."""
+
+    termed: int
+    kill_rounds: int
+
+
+@dataclass(frozen=True, slots=True)
 class Loan:
     """``lender`` lends ``amount`` of ``resource`` to ``recipient`` (resources.md)."""
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 
 from ..core.errors import BackendError
+from ..core.records import StopOutcome
 from .cgroups import CgroupTree
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,7 @@ FREEZE_TIMEOUT = 0.5
 SETTLE_TIMEOUT = 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class Stopped:
-    """What a stop took: processes sent SIGTERM, and kill rounds after the grace period."""
-
-    termed: int
-    kill_rounds: int
-
-
-def stop_sliver(tree: CgroupTree, name: str, uid: int | None, grace: float) -> Stopped:
+def stop_sliver(tree: CgroupTree, name: str, uid: int | None, grace: float) -> StopOutcome:
     """End every process of sliver ``name`` (its groups' members and, with ``uid``, every
     process of that uid): SIGTERM, up to ``grace`` seconds, then kill through the cgroup.
 
@@ -68,14 +60,14 @@ def stop_sliver(tree: CgroupTree, name: str, uid: int | None, grace: float) -> S
     while True:
         members, strays = _gather(tree, name, uid)
         if not members and not strays:
-            return Stopped(len(termed), 0)
+            return StopOutcome(len(termed), 0)
         _signal(tree, name, uid, members - termed, strays - termed, signal.SIGTERM)
         termed |= members | strays
         left = deadline - host.monotonic()
         if left <= 0:
             break
         host.sleep(min(GRACE_POLL, left))
-    return Stopped(len(termed), kill_through_cgroup(tree, name, uid))
+    return StopOutcome(len(termed), kill_through_cgroup(tree, name, uid))
 
 
 def kill_through_cgroup(tree: CgroupTree, name: str, uid: int | None, timeout: float = KILL_TIMEOUT) -> int:
