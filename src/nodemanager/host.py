@@ -380,17 +380,6 @@ def _live_processes() -> Iterator[tuple[int, list[str]]]:
         for entry in entries:
             if not entry.name.isdigit() or int(entry.name) == own:
                 continue
-            try:
-                with open(f"/proc/{entry.name}/status", "rb") as status:
-                    text = status.read().decode("ascii", "replace")
-            except OSError:
-                continue  # exited meanwhile
-            state, ids = "", []
-            for line in text.splitlines():
-                if line.startswith("State:"):
-                    state = line.split()[1] if len(line.split()) > 1 else ""
-                elif line.startswith("Uid:"):
-                    ids = line.split()[1:3]
-                    break
-            if state not in ("Z", "X"):
-                yield int(entry.name), ids
+            found = process_ids(int(entry.name))
+            if found is not None and found[0] not in ("Z", "X"):
+                yield int(entry.name), found[1]
