@@ -54,6 +54,7 @@ __all__ = [
     "Host",
     "PasswdEntry",
     "ShadowEntry",
+    "ensure_file",
 ]
 
 #: What :meth:`Host.run` returns; re-exported so that callers never import subprocess.
@@ -348,6 +349,18 @@ class Host(LinkSafeFiles):
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+
+def ensure_file(host: Host, path: Path, data: bytes, *, uid: int, gid: int, mode: int) -> bool:
+    """Make ``path`` a regular file holding exactly ``data``, owned by ``uid:gid`` with ``mode``,
+    through ``host``: written (``atomic_write``) only when it is not so already, so an unchanged
+    file keeps its inode and mtime. True when written. Idempotent."""
+    info = host.stat_file(path)
+    if (info is not None and info.kind == "file" and (info.uid, info.gid, info.mode) == (uid, gid, mode)
+            and info.size == len(data) and host.read_file(path) == data):
+        return False
+    host.atomic_write(path, data, uid=uid, gid=gid, mode=mode)
+    return True
 
 
 def _join_then_drop(cgroups: list[Path], uid: int, gid: int, groups: list[int]) -> Callable[[], None]:

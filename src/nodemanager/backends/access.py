@@ -24,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..host import Host, ShadowEntry
+from ..host import Host, ShadowEntry, ensure_file
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,7 @@ class KeyFiles:
         True when it had to be written; an identical file is left alone (its stamp, and so the
         access signature, stays the same). Idempotent."""
         self.host.makedirs_owned(self.directory, 0, 0, KEYS_DIR_MODE)
-        path = self.path(account)
-        info = self.host.stat_file(path)
-        if (info is not None and info.kind == "file" and (info.uid, info.gid, info.mode) == (0, 0, KEYS_FILE_MODE)
-                and info.size == len(data) and self.host.read_file(path) == data):
-            return False
-        self.host.atomic_write(path, data, uid=0, gid=0, mode=KEYS_FILE_MODE)
-        return True
+        return ensure_file(self.host, self.path(account), data, uid=0, gid=0, mode=KEYS_FILE_MODE)
 
     def remove(self, account: str) -> None:
         """No file, no key: idempotent."""

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 from ..core.errors import BackendError
 from ..core.records import ObservedAccount, Sliver, is_valid_name, validate_name
-from ..host import Host, PasswdEntry
+from ..host import Host, PasswdEntry, ensure_file
 from .access import DEFAULT_KEYS_DIR, OPEN_PASSWORD, KeyFiles, access_signature, keys_content
 from .delegate import SHELLS_FILE, DelegateAccounts, DelegateShell, default_forward_command, wrapper_path_for
 from .hooks import AccountHooks as AccountHooks  # re-exported
@@ -275,7 +275,7 @@ class AccountBackend:
             programs: list[list[str]] = []
             if sliver.initscript:
                 script = nm_dir / "initscript"
-                self._ensure_file(script, sliver.initscript.encode(), entry.uid, entry.gid, 0o700)
+                ensure_file(self.host, script, sliver.initscript.encode(), uid=entry.uid, gid=entry.gid, mode=0o700)
                 programs.append([str(script)] if sliver.initscript.startswith("#!") else ["/bin/sh", str(script)])
             start_d = nm_dir / "start.d"
             programs.extend([str(start_d / program)] for program in self.host.list_executables(start_d))
@@ -351,11 +351,11 @@ class AccountBackend:
         self.host.makedirs_owned(nm_dir / "start.d", uid, gid, 0o700)
         self.host.makedirs_owned(nm_dir, uid, gid, 0o700)
         if sliver.initscript:
-            self._ensure_file(nm_dir / "initscript", sliver.initscript.encode(), uid, gid, 0o700)
+            ensure_file(self.host, nm_dir / "initscript", sliver.initscript.encode(), uid=uid, gid=gid, mode=0o700)
         else:
             self.host.remove_file(nm_dir / "initscript")
         if delegated:
-            self._ensure_file(home / HUSHLOGIN, b"", 0, 0, 0o644)
+            ensure_file(self.host, home / HUSHLOGIN, b"", uid=0, gid=0, mode=0o644)
         elif self.delegate is not None:
             info = self.host.stat_file(home / HUSHLOGIN)
             if info is not None and info.uid == 0:  # ours, from when it was a delegate account
@@ -396,15 +396,6 @@ class AccountBackend:
             logger.error("sliver=%s event=create-undo-failed error=%r", name, str(exc))
         else:
             logger.warning("sliver=%s event=create-undone account=%s uid=%d", name, account, uid)
-
-    def _ensure_file(self, path: Path, data: bytes, uid: int, gid: int, mode: int) -> bool:
-        """Write ``path`` unless it already is a regular file with that content, owner and mode."""
-        info = self.host.stat_file(path)
-        if (info is not None and info.kind == "file" and (info.uid, info.gid, info.mode) == (uid, gid, mode)
-                and info.size == len(data) and self.host.read_file(path) == data):
-            return False
-        self.host.atomic_write(path, data, uid=uid, gid=gid, mode=mode)
-        return True
 
     def _stop(self, name: str, uid: int) -> None:
         """Stop every process of the sliver: through enforcement's cgroups when it has them,

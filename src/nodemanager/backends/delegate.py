@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..core.records import NM_CONTROLLER, Sliver
-from ..host import Host, PasswdEntry
+from ..host import Host, PasswdEntry, ensure_file
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +84,10 @@ def write_delegate_shell(
     anyway). Idempotent; raises ``BackendError`` when it cannot write."""
     host = host or Host()
     path = Path(path)
-    data = wrapper_text(forward_command, socket_path)
-    info = host.stat_file(path)
-    if (info is not None and info.kind == "file" and (info.uid, info.gid, info.mode) == (0, 0, 0o755)
-            and host.read_file(path) == data):
-        return
     if host.stat_file(path.parent) is None:
         host.makedirs_owned(path.parent, 0, 0, 0o755)
-    host.atomic_write(path, data, uid=0, gid=0, mode=0o755)
-    logger.info("event=delegate-shell-written path=%s socket=%s", path, socket_path)
+    if ensure_file(host, path, wrapper_text(forward_command, socket_path), uid=0, gid=0, mode=0o755):
+        logger.info("event=delegate-shell-written path=%s socket=%s", path, socket_path)
 
 
 def _shell_lines(host: Host, shells_file: Path) -> tuple[list[str], tuple[int, int, int]]:
