@@ -492,13 +492,19 @@ def test_foreign_database_is_quarantined(db_path: Path) -> None:
         Store(db_path)
 
 
-def test_open_or_quarantine(db_path: Path) -> None:
-    s, reason = Store.open_or_quarantine(db_path)
+def opened(path: Path) -> tuple[Store, str | None]:
+    """A deferred store, opened: the store and the reason it was quarantined (or None)."""
+    store = Store(path, deferred=True)
+    return store, store.open()
+
+
+def test_open_quarantines_a_corrupt_store(db_path: Path) -> None:
+    s, reason = opened(db_path)
     with s:
         assert reason is None
         s.apply_records([sliver("site_a")], [])
     db_path.write_bytes(b"\x00garbage" * 100)
-    s, reason = Store.open_or_quarantine(db_path)
+    s, reason = opened(db_path)
     with s:
         assert reason is not None and "corrupt" in reason
         [moved] = quarantined(db_path)
@@ -508,13 +514,13 @@ def test_open_or_quarantine(db_path: Path) -> None:
         assert set(s.slivers()) == {"site_b"}
 
 
-def test_open_or_quarantine_does_not_replace_a_newer_store(db_path: Path) -> None:
+def test_open_does_not_replace_a_newer_store(db_path: Path) -> None:
     Store(db_path).close()
     conn = raw(db_path)
     conn.execute("PRAGMA user_version = 7")
     conn.close()
     with pytest.raises(StoreError):
-        Store.open_or_quarantine(db_path)
+        Store(db_path, deferred=True).open()
     assert quarantined(db_path) == []
 
 

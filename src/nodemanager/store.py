@@ -89,14 +89,6 @@ class Store:
         #: merge, a ticket's redemption), so neither decides on records the other is changing.
         self.records_lock = threading.RLock()
 
-    @classmethod
-    def open_or_quarantine(cls, path: Path) -> tuple[Store, str | None]:
-        """Open the store; if it is corrupt, quarantine it, start an empty one and return the
-        reason as the second element (None when all was well). Any other failure propagates:
-        a store that merely cannot be opened now is never replaced."""
-        store = cls(path, deferred=True)
-        return store, store.open()
-
     def open(self) -> str | None:
         """Open a deferred store. A corrupt file is quarantined and an empty store started: the
         reason is returned (None when all was well). Other failures raise ``StoreError``."""
@@ -109,10 +101,6 @@ class Store:
                 self._conn = open_database(self.path)
                 return str(exc)
             return None
-
-    @property
-    def is_open(self) -> bool:
-        return self._conn is not None
 
     def close(self) -> None:
         """Close the connection (idempotent). Later calls raise ``StoreError``."""
