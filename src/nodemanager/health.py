@@ -35,7 +35,7 @@ from .config import Config
 from .datadir import DataDir, Meta
 from .storefile import BUSY_TIMEOUT_MS, store_error
 
-__all__ = ["API_TIMEOUT_S", "HealthReport", "check_health", "daemon_pid", "sd_notify", "sync_deadline"]
+__all__ = ["API_TIMEOUT_S", "HealthReport", "check_health", "sd_notify", "sync_deadline"]
 
 API_TIMEOUT_S = 5.0
 
@@ -54,11 +54,6 @@ class HealthReport:
     @property
     def exit_code(self) -> int:
         return 0 if self.ok else 1
-
-
-def daemon_pid(data_dir: Path) -> int | None:
-    """The pid of the process holding ``data_dir``'s lock (see ``datadir.DataDir.daemon_pid``)."""
-    return DataDir(data_dir).daemon_pid()
 
 
 def sync_deadline(config: Config) -> float:
@@ -140,20 +135,21 @@ def check_health(
 ) -> HealthReport:
     """Run the four checks of the module docstring; the first failure is the reason."""
     data_dir = config.data_dir
+    files = DataDir(data_dir)
     try:
-        pid = daemon_pid(data_dir)
+        pid = files.daemon_pid()
     except OSError as exc:
         return HealthReport(False, f"cannot check the daemon's lock in {data_dir}: {exc.strerror or exc}")
     if pid is None:
         return HealthReport(False, f"no node manager daemon is running on {data_dir}")
     started = now()
-    problem, last_good = _probe_store(DataDir(data_dir).store_path, started)
+    problem, last_good = _probe_store(files.store_path, started)
     if problem is not None:
         return HealthReport(False, problem)
     deadline = sync_deadline(config)
     if last_good is None:
         try:
-            up_since = DataDir(data_dir).pid_path.stat().st_mtime
+            up_since = files.pid_path.stat().st_mtime
         except OSError:
             up_since = 0.0
         if started - up_since > deadline:
