@@ -41,7 +41,7 @@ from .host import Host
 from .metrics import NodeMetrics
 from .operations import SliverOperations
 from .store import Store
-from .sync import Fetch, SyncOutcome, Syncer, SyncResult
+from .sync import Fetch, SyncOutcome, Syncer
 from .tickets import ticket_redeemer_from_config
 from .workers import WorkerPool
 
@@ -187,7 +187,6 @@ class _Running:
 
     locked: bool = False
     store: bool = False
-    pool: bool = False
     api: bool = False
     loop: bool = False
     metrics: bool = False
@@ -237,7 +236,6 @@ class Node:
             self._open_store()
             self._check_machine()
             self.pool.start()
-            self._running.pool = True
             if serve:
                 self._serve()
         except BaseException:
@@ -372,7 +370,7 @@ class Node:
             sd_notify("READY=1")
             while not self.stop_event.is_set():
                 outcome = self.sync_once(wait=False)
-                failures = 0 if outcome.result is not SyncResult.ERROR and outcome.ok else failures + 1
+                failures = 0 if outcome.ok else failures + 1
                 if failures:
                     delay = backoff_delay(failures, FAILED_POLL_RETRY_S, float(a.poll_interval), random.random)
                 else:
