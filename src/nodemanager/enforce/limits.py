@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..core.allocation import V1_WEIGHTS, V2_WEIGHTS, WeightScale, cpu_weights, full_contention_permille
 from ..core.errors import BackendError
+from ..core.rspec import DEFAULT_PIDS_MAX
 from .base import RSpecs
 from .cgroups import CgroupTree, Hierarchy
 from .tasks import kill_and_remove
@@ -242,7 +243,7 @@ class PidsEnforcer(_ControllerEnforcer):
         return None if h is None else (h, "pids.max")
 
     def _value(self, rspec: Mapping[str, int], h: Hierarchy) -> str:
-        return str(max(1, rspec.get("nm_pids_max", 1024)))
+        return str(max(1, rspec.get("nm_pids_max", DEFAULT_PIDS_MAX)))
 
     def observed(self) -> dict[str, dict[str, int]]:
         where = self._where()
