@@ -70,7 +70,7 @@ def effective_targets(store: Store, cap: int | None) -> tuple[dict[str, dict[str
 
 
 class EnforcementHooks:
-    """The account backend's hooks into enforcement (``backends.account.AccountHooks``).
+    """The account backend's hooks into enforcement (``backends.hooks.AccountHooks``).
     Called from worker threads, one call at a time per sliver."""
 
     def __init__(

@@ -46,7 +46,7 @@ def _unescape_mount(field: str) -> str:
 
 def remove_owned_below(top: int, top_path: str, uid: int, device: int, mounts: frozenset[str]) -> tuple[int, int]:
     """Post-order removal of ``uid``'s entries below the open directory ``top``, iterative so
-    that a deep tree cannot exhaust the stack. A frame is ``[fd, name, owner, names left]``."""
+    that a deep tree cannot exhaust the stack. A frame is ``(fd, path, owner, names left)``."""
     removed = left = 0
     frames: list[tuple[int, str, int, list[str]]] = [(top, top_path, -1, sorted(os.listdir(top)))]
     try:

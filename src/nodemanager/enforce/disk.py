@@ -23,7 +23,8 @@ redirect the mount), and the old content is then deleted as the sliver's uid too
 the sliver planted or swaps in meanwhile, that copy reaches only what the sliver could read
 anyway, and copies links as links. What the sliver cannot read itself is not carried over.
 
-Cooperation with the account path (the lead wires it; the order matters):
+Cooperation with the account path (the account backend's hooks, ``enforcing.EnforcementHooks``;
+the order matters):
 
 * create: ``useradd`` -> home directory -> :meth:`DiskEnforcer.prepare_home` (mounts the image,
   carrying over anything already in the home, as above) -> ``.nodemanager`` files.
