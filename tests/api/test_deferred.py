@@ -35,7 +35,6 @@ class Jobs:
         self.release = threading.Event()
         self.ran = 0
         self.lock = threading.Lock()
-        self.threads_in_dispatch = 0
 
     def job(self, outcome: str) -> Any:
         assert self.release.wait(30)

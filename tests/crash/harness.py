@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +263,3 @@ def crash_at(scenario: Scenario, check: Callable[[World, Node, list[Sliver]], li
             finally:
                 shutil.rmtree(world.base, ignore_errors=True)
     return result
-
-
-def restamped(slivers: list[Sliver], **changes: Any) -> list[Sliver]:
-    return [replace(s, **changes) for s in slivers]
