@@ -146,6 +146,7 @@ def _store_meta(config: Config, values: dict[str, str]) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .daemon import build_node
     from .logsetup import configure_logging
+    from .sync import SyncResult
 
     config = _config(args)
     configure_logging(None, foreground=True, level=logging.WARNING)
@@ -159,7 +160,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{outcome.rejected} entries rejected")
     for rejection in outcome.rejections:
         print(f"  rejected {rejection.label}: {rejection.reason}")
-    if outcome.result.value == "stale":
+    if outcome.result is SyncResult.STALE:
         print("the document is older than the data already held: a sync would ignore it")
     elif outcome.held:
         print(f"SAFETY VALVE: {len(outcome.held)} removals would be held: {', '.join(sorted(outcome.held))}")
