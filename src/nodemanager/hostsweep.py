@@ -20,15 +20,21 @@ REMOVE_OWNED_DEPTH = 128
 MOUNTS_FILE = Path("/proc/self/mounts")
 
 
-def parse_mounts(raw: bytes) -> list[tuple[str, str]]:
-    """``(mount point, filesystem type)`` of each line of ``/proc/self/mounts``, in order, with
-    the octal escapes of spaces, tabs, newlines and backslashes undone."""
-    mounts = []
-    for line in raw.decode("utf-8", "replace").splitlines():
+def mount_entries(text: str) -> list[tuple[str, str, str]]:
+    """``(mount point, filesystem type, options)`` of each line of a ``/proc/self/mounts`` text,
+    in order, with the octal escapes of spaces, tabs, newlines and backslashes undone in the
+    mount point (options "" when a line has none). The one parser of the mount table."""
+    entries = []
+    for line in text.splitlines():
         fields = line.split()
         if len(fields) > 2:
-            mounts.append((_unescape_mount(fields[1]), fields[2]))
-    return mounts
+            entries.append((_unescape_mount(fields[1]), fields[2], fields[3] if len(fields) > 3 else ""))
+    return entries
+
+
+def parse_mounts(raw: bytes) -> list[tuple[str, str]]:
+    """``(mount point, filesystem type)`` of each line of ``/proc/self/mounts`` (:func:`mount_entries`)."""
+    return [(point, fstype) for point, fstype, _ in mount_entries(raw.decode("utf-8", "replace"))]
 
 
 def _unescape_mount(field: str) -> str:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from ..core.errors import BackendError
 from ..host import Host
+from ..hostsweep import MOUNTS_FILE, mount_entries
 
 log = logging.getLogger(__name__)
 
-MOUNTS = Path("/proc/self/mounts")
 #: How long removing a group is retried: a just-killed group stays busy until its tasks are gone.
 RMDIR_TIMEOUT = 5.0
 
@@ -48,22 +48,18 @@ def parse_mounts(text: str) -> list[Hierarchy]:
     """The cgroup hierarchies of a ``/proc/self/mounts`` text. v1 controllers come from the
     mount options; a v2 mount's controllers are read later from its ``cgroup.controllers``."""
     found: list[Hierarchy] = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        mount = Path(fields[1].replace("\\040", " "))
-        if fields[2] == "cgroup2":
-            found.append(Hierarchy(mount, 2, frozenset()))
-        elif fields[2] == "cgroup":
-            options = set(fields[3].split(","))
-            found.append(Hierarchy(mount, 1, frozenset(options & {"cpu", "memory", "freezer", "pids", "cpuacct"})))
+    for point, fstype, options in mount_entries(text):
+        if fstype == "cgroup2":
+            found.append(Hierarchy(Path(point), 2, frozenset()))
+        elif fstype == "cgroup":
+            controllers = set(options.split(",")) & {"cpu", "memory", "freezer", "pids", "cpuacct"}
+            found.append(Hierarchy(Path(point), 1, frozenset(controllers)))
     return found
 
 
 def detect_hierarchies(host: Host) -> list[Hierarchy]:
     """The cgroup hierarchies mounted on this machine, v2 ones with their controllers."""
-    raw = host.read_file(MOUNTS)
+    raw = host.read_file(MOUNTS_FILE)
     result = []
     for h in parse_mounts((raw or b"").decode("utf-8", "replace")):
         if h.version == 2:

@@ -93,9 +93,8 @@ def unmount_below(path: Path, host: Host | None = None) -> None:
     """Lazily unmount everything mounted at or below ``path`` (a sliver's disk image), deepest
     first, so that removing the home cannot leave a mount (and its loop device) behind."""
     host = host or Host()
-    raw = (host.read_file(Path("/proc/self/mounts")) or b"").decode("utf-8", "replace")
     prefix = str(path).rstrip("/")
-    points = [line.split()[1].replace("\\040", " ") for line in raw.splitlines() if len(line.split()) > 1]
+    points = [point for point, _ in host.mounts()]
     for point in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), reverse=True):
         host.run(["umount", "-l", point], check=False)
 

@@ -28,7 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ...core.errors import BackendError
-from ...enforce.cgroups import MOUNTS, Hierarchy
+from ...enforce.cgroups import Hierarchy
+from ...hostsweep import MOUNTS_FILE
 from ..fakehost import FakeFile, FakeHost, children_of
 
 V1 = [Hierarchy(Path("/cg/cpu"), 1, frozenset({"cpu"})), Hierarchy(Path("/cg/memory"), 1, frozenset({"memory"})),
@@ -293,7 +294,7 @@ class CgroupHost(FakeHost):
 
     def read_file(self, path: Path, *, limit: int = 1 << 20) -> bytes | None:
         path = Path(path)
-        if path == MOUNTS:
+        if path == MOUNTS_FILE:
             self._record("read_file", path)
             text = "".join(f"{src} {_escape(point)} {kind} {options} 0 0\n"
                            for src, point, kind, options in self.mount_entries())
