@@ -66,7 +66,7 @@ class SyncOutcome:
     deletes: int = 0
     held: tuple[str, ...] = ()
     valve_tripped: bool = False
-    #: The document's rejected entries (label and reason), for ``plan``.
+    #: The document's rejected entries (label and reason; ``rejected`` counts them).
     rejections: tuple[Rejection, ...] = ()
     actions: list[Action] = field(default_factory=list)
     completions: dict[str, Completion] = field(default_factory=dict)
@@ -170,12 +170,7 @@ class Syncer:
         what a cycle would hand to the workers."""
         doc, protected = self.fetch()
         merged = self.merge(doc, protected, allow_mass_delete=False)
-        outcome = SyncOutcome(
-            ok=True, message="ok" if merged is not None else "stale document ignored",
-            document_timestamp=doc.timestamp, rejected=len(doc.rejected),
-            result=SyncResult.OK if merged is not None else SyncResult.STALE,
-        )
-        outcome.rejections = doc.rejected
+        outcome = _document_outcome(doc, merged)
         if merged is not None:
             outcome.held, outcome.valve_tripped = merged.held, merged.valve_tripped
         actions, _ = self._plan(merged.records if merged is not None else None, may_destroy=True)
@@ -238,13 +233,7 @@ class Syncer:
             for rejection in doc.rejected:
                 logger.error("event=entry-rejected entry=%s reason=%s", rejection.label, rejection.reason)
             merged = self.merge(doc, protected, allow_mass_delete=allow_mass_delete)
-            outcome = SyncOutcome(
-                ok=True,
-                message="ok" if merged is not None else "stale document ignored",
-                document_timestamp=doc.timestamp,
-                rejected=len(doc.rejected),
-                result=SyncResult.OK if merged is not None else SyncResult.STALE,
-            )
+            outcome = _document_outcome(doc, merged)
             if merged is not None:
                 records = self._persist(doc, merged, outcome)
                 if operator_allowed:
@@ -298,3 +287,15 @@ class Syncer:
             logger.error("event=store-write-failed error=%s", exc)
         log = logger.info if outcome.ok else logger.warning
         log("event=sync-done duration=%.3fs outcome=%r", outcome.duration_s, outcome.summary())
+
+
+def _document_outcome(doc: AuthorityDocument, merged: MergeResult | None) -> SyncOutcome:
+    """The outcome of a cycle that fetched ``doc``: good, merged or (``merged`` None) stale."""
+    return SyncOutcome(
+        ok=True,
+        message="ok" if merged is not None else "stale document ignored",
+        document_timestamp=doc.timestamp,
+        rejected=len(doc.rejected),
+        rejections=doc.rejected,
+        result=SyncResult.OK if merged is not None else SyncResult.STALE,
+    )
