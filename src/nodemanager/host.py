@@ -102,6 +102,12 @@ def _group(entry: grp.struct_group) -> GroupEntry:
     return GroupEntry(entry.gr_name, entry.gr_gid, tuple(entry.gr_mem))
 
 
+def _shadow(line: str) -> ShadowEntry | None:
+    """One line of the shadow file (``name:password:...:expire:...``), None when it is not one."""
+    fields = line.split(":")
+    return ShadowEntry(fields[0], fields[1], fields[7]) if len(fields) >= 8 else None
+
+
 class Host(LinkSafeFiles):
     """The real machine. Subclass or replace methods in tests; see ``FakeHost``. The file
     methods (``atomic_write``, ``read_file``, ``remove_tree``...) come from ``LinkSafeFiles``."""
@@ -205,21 +211,29 @@ class Host(LinkSafeFiles):
         return [_group(entry) for entry in grp.getgrall()]
 
     def shadow_entry(self, name: str) -> ShadowEntry | None:
-        """The shadow line of ``name`` (needs root), or None when there is none."""
-        return self.shadow_entries().get(name)
+        """The shadow line of ``name`` (needs root), or None when there is none. Stops at that
+        line: each operation on a sliver asks this, on a machine with one line per sliver."""
+        prefix = f"{name}:"
+        for line in self._shadow_lines():
+            if line.startswith(prefix) and (entry := _shadow(line)) is not None:
+                return entry
+        return None
 
     def shadow_entries(self) -> dict[str, ShadowEntry]:
         """Every shadow line by account name, from one read of the shadow file (needs root)."""
+        entries: dict[str, ShadowEntry] = {}
+        for line in self._shadow_lines():
+            entry = _shadow(line)
+            if entry is not None and entry.name not in entries:
+                entries[entry.name] = entry
+        return entries
+
+    def _shadow_lines(self) -> list[str]:
         try:
             text = self.shadow_path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise BackendError(f"cannot read {self.shadow_path}: {_describe(exc)}") from exc
-        entries: dict[str, ShadowEntry] = {}
-        for line in text.splitlines():
-            fields = line.split(":")
-            if len(fields) >= 8 and fields[0] not in entries:
-                entries[fields[0]] = ShadowEntry(fields[0], fields[1], fields[7])
-        return entries
+        return text.splitlines()
 
     # --- processes ------------------------------------------------------------------------
     def pids_of_uid(self, uid: int) -> list[int]:
