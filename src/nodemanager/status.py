@@ -106,7 +106,7 @@ def render_status(store: Store, now: float | None = None) -> str:
         head.append(f"SSHD NOT SET UP: {sshd}")
     enforcement = store.get_meta(Meta.ENFORCEMENT, "")
     if enforcement == "ok":
-        head.append("enforcement:    cpu, memory, bandwidth and disk enforced (status --resources)")
+        head.append("enforcement:    cpu, memory, pids, bandwidth and disk enforced (status --resources)")
     elif enforcement.startswith("none:"):
         head.append(f"enforcement:    {enforcement}")
     elif enforcement:
