@@ -143,7 +143,7 @@ def build_node(
     if enforcement is not None:
         home_root = Path(config.slivers.home_root)
         loop = EnforcementLoop(enforcement, store, home_of=lambda name: home_root / account_of(name),
-                               node_cap_kbps=cap, account_of=account_of, account_prefix=prefix,
+                               node_cap_kbps=cap, account_prefix=prefix,
                                on_error=metrics.enforcement_error)
     operations = SliverOperations(store, backend, clock, node_cap_kbps=cap,
                                   on_change=loop.poke if loop is not None else None,

@@ -122,23 +122,21 @@ class EnforcementLoop:
         *,
         home_of: Callable[[str], Path],
         node_cap_kbps: Callable[[], int | None],
-        account_of: Callable[[str], str] = lambda name: name,
-        account_prefix: str | None = None,
+        account_prefix: str = "",
         on_error: Callable[[str], None] = lambda enforcer: None,
         reapply_s: float = 60.0,
         place_s: float = 5.0,
         min_interval_s: float = MIN_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``account_prefix`` is what ``account_of`` puts before a sliver name (default: found
-        by asking ``account_of``); the sweep removes only groups named prefix + a valid sliver
-        name, so another node manager's groups under the same parent are never touched."""
+        """``account_prefix`` (``slivers.name_prefix``) makes a sliver's account name, which
+        kernel objects are named after; the sweep removes only groups named prefix + a valid
+        sliver name, so another node manager's groups under the same parent are never touched."""
         self.enforcement = enforcement
         self.store = store
         self.home_of = home_of
         self.node_cap_kbps = node_cap_kbps
-        self.account_of = account_of
-        self.account_prefix = _prefix_of(account_of) if account_prefix is None else account_prefix
+        self.account_prefix = account_prefix
         self.on_error = on_error
         self.reapply_s = reapply_s
         self.place_s = place_s
@@ -175,6 +173,10 @@ class EnforcementLoop:
         keep = {self.account_of(name) for name in owned}
         uids = {self.account_of(name): s.uid for name, s in owned.items() if s.uid is not None and s.uid != 0}
         return keep, uids
+
+    def account_of(self, name: str) -> str:
+        """The account (and kernel-object) name of sliver ``name``."""
+        return self.account_prefix + name
 
     def _is_ours(self, account: str) -> bool:
         return account.startswith(self.account_prefix) and is_valid_name(account[len(self.account_prefix):])
@@ -265,13 +267,3 @@ class EnforcementLoop:
         placement = self.enforcement.placement
         if placement is not None:
             placement.stop()
-
-
-def _prefix_of(account_of: Callable[[str], str]) -> str:
-    """The prefix ``account_of`` adds to a sliver name ("" when it does something else)."""
-    probe = "nmprobe_x"
-    try:
-        account = account_of(probe)
-    except Exception:  # noqa: BLE001 - an account_of that refuses the probe name: no prefix
-        return ""
-    return account[: -len(probe)] if account.endswith(probe) else ""

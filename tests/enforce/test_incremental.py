@@ -175,7 +175,7 @@ class CountingSet:
 
 def loop_of(store: FakeStore, enforcement: CountingSet, errors: list[str]) -> EnforcementLoop:
     return EnforcementLoop(enforcement, store, home_of=lambda n: Path("/h") / n,  # type: ignore[arg-type]
-                           node_cap_kbps=lambda: None, account_of=lambda n: "nm" + n,
+                           node_cap_kbps=lambda: None, account_prefix="nm",
                            on_error=errors.append, place_s=0.05)
 
 
