@@ -204,7 +204,7 @@ class EnforcementLoop:
                 logger.debug("event=enforcement-pass enforcers=%s", ",".join(f"{k}:{v}" for k, v in called.items()))
         except Exception as exc:  # noqa: BLE001 - any failure is counted, the loop goes on
             logger.error("event=enforcement-failed error=%s", exc)
-            for enforcer in getattr(self.enforcement, "failed", ()) or ("other",):
+            for enforcer in self.enforcement.failed or ("other",):
                 self.on_error(enforcer)
         self.applied = rspecs
         self._place(uids)
