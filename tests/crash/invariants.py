@@ -73,9 +73,9 @@ def check_invariants(world: World, node: Node, final: list[Sliver]) -> list[str]
     for name, state in accounts.items():
         if state.owned and name not in wanted:
             problems.append(f"{name}: owned state {state.phase.value} left for a sliver that is not wanted")
-    for name in foreign:
-        if world.foreign.get("snapshot") is not None and snapshot_foreign(world) != world.foreign["snapshot"]:
-            problems.append(f"{name}: the foreign account or its files changed")
+    snapshot = world.foreign.get("snapshot")
+    if snapshot is not None and snapshot_foreign(world) != snapshot:
+        problems.append(f"{', '.join(sorted(foreign))}: the foreign account or its files changed")
     leftover = plan_actions(records, accounts, node.backend.observe(), now, may_destroy_orphans=True,
                             honour_backoff=False)
     leftover = [a for a in leftover if a.name not in foreign]
