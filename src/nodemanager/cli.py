@@ -97,11 +97,19 @@ def cmd_sync(args: argparse.Namespace) -> int:
     config = _config(args)
     datadir = DataDir(config.data_dir)
     if not args.once:
-        pid = datadir.daemon_pid()
+        try:
+            pid = datadir.daemon_pid()
+        except OSError as exc:
+            raise NodeManagerError(f"cannot check the daemon's lock in {config.node.data_dir}: "
+                                   f"{exc.strerror or exc}") from exc
         if pid is None:
             print("no node manager daemon is running on "
                   f"{config.node.data_dir}; use `nodemanager sync --once` to run one cycle here",
                   file=sys.stderr)
+            return 1
+        if pid < 1:  # held, but no pid written (yet): kill(-1) would signal every process
+            print(f"a node manager holds the lock on {config.node.data_dir} but its pid file "
+                  f"{datadir.pid_path} names no process; try again in a moment", file=sys.stderr)
             return 1
         if args.allow_mass_delete:
             _store_meta(config, {Meta.ALLOW_MASS_DELETE: "1"})
