@@ -48,12 +48,13 @@ class Completion:
         self._callbacks: list[Callable[[Completion], None]] | None = None
 
     def _finish(self, result: Any, error: BaseException | None) -> None:
-        if self._finished:
-            return
-        self._result, self._error = result, error
-        self._finished = True
+        with _CALLBACK_LOCK:  # a callback is either taken here or added after: never lost between
+            if self._finished:
+                return
+            self._result, self._error = result, error
+            self._finished = True
+            callbacks, self._callbacks = self._callbacks, None
         self._lock.release()
-        callbacks, self._callbacks = self._callbacks, None
         for callback in callbacks or ():
             _call_safely(callback, self)
 
@@ -86,7 +87,8 @@ class Completion:
         return self._result
 
 
-#: Guards the hand-over between ``add_done_callback`` and ``_finish`` (rare: one lock for all).
+#: Guards the hand-over between ``add_done_callback`` and ``_finish`` (held for a few
+#: instructions: one lock for all completions).
 _CALLBACK_LOCK = threading.Lock()
 
 
