@@ -178,8 +178,9 @@ class EnforcementSet:
         return self._run_pass(Targets(rspecs, uids, homes or {}), full=False)
 
     def _run_pass(self, targets: Targets, *, full: bool) -> dict[str, str]:
-        before, redo = self._applied, set(self._redo)
-        self._redo.clear()
+        # taken, not copied and cleared: a cap change (set_node_cap, another thread) marked
+        # meanwhile lands in one set or the other, never between
+        before, redo, self._redo = self._applied, self._redo, set()
         called: dict[str, str] = {}
         failures: list[tuple[str, str]] = []  # (enforcer, what went wrong)
         for enforcer in self.enforcers:
