@@ -164,8 +164,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         outcome, actions = node.plan()
     finally:
         node.close()
-    print(f"authority document: timestamp {outcome.document_timestamp}, "
-          f"{outcome.rejected} entries rejected")
+    print(f"authority document: timestamp {outcome.document_timestamp}, {outcome.slivers} slivers, "
+          f"{outcome.rejected} rejected")
     for rejection in outcome.rejections:
         print(f"  rejected {rejection.label}: {rejection.reason}")
     if outcome.result is SyncResult.STALE:

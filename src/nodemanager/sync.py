@@ -61,6 +61,8 @@ class SyncOutcome:
     ok: bool
     message: str
     document_timestamp: int | None = None
+    #: Slivers the fetched document lists (valid entries) and entries it had rejected.
+    slivers: int = 0
     rejected: int = 0
     upserts: int = 0
     deletes: int = 0
@@ -295,6 +297,7 @@ def _document_outcome(doc: AuthorityDocument, merged: MergeResult | None) -> Syn
         ok=True,
         message="ok" if merged is not None else "stale document ignored",
         document_timestamp=doc.timestamp,
+        slivers=len(doc.slivers),
         rejected=len(doc.rejected),
         rejections=doc.rejected,
         result=SyncResult.OK if merged is not None else SyncResult.STALE,

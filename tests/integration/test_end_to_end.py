@@ -264,6 +264,7 @@ def test_cli_sync_plan_and_status(
     assert main(["-c", str(path), "plan"]) == 0
     plan = capsys.readouterr().out
     assert "destroy   site_beta" in plan and "create    site_gamma" in plan
+    assert "timestamp 2000, 2 slivers, 0 rejected" in plan
     assert ours() == {PREFIX + "site_alpha", PREFIX + "site_beta"}  # plan changed nothing
     assert main(["-c", str(path), "status"]) == 0
     status = capsys.readouterr().out
