@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -64,13 +65,8 @@ def remove_owned_below(top: int, top_path: str, uid: int, device: int, mounts: f
                     break
                 os.close(fd)
                 if owner == uid:
-                    try:
-                        os.rmdir(os.path.basename(path), dir_fd=frames[-1][0])
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
-                    except OSError:
-                        left += 1
+                    done, kept = _removed(os.rmdir, os.path.basename(path), frames[-1][0])
+                    removed, left = removed + done, left + kept
                 continue
             name = names.pop()
             try:
@@ -80,13 +76,8 @@ def remove_owned_below(top: int, top_path: str, uid: int, device: int, mounts: f
             mine = info.st_uid == uid
             if not stat.S_ISDIR(info.st_mode):
                 if mine:
-                    try:
-                        os.unlink(name, dir_fd=fd)
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
-                    except OSError:
-                        left += 1
+                    done, kept = _removed(os.unlink, name, fd)
+                    removed, left = removed + done, left + kept
                 continue
             child_path = os.path.join(path, name)
             if info.st_dev != device or child_path in mounts or len(frames) > REMOVE_OWNED_DEPTH:
@@ -111,3 +102,15 @@ def remove_owned_below(top: int, top_path: str, uid: int, device: int, mounts: f
         for fd, *_ in frames[1:]:
             os.close(fd)
     return removed, left
+
+
+def _removed(remove: Callable[..., None], name: str, dir_fd: int) -> tuple[int, int]:
+    """``remove(name, dir_fd=dir_fd)``: ``(1, 0)`` when it went, ``(0, 0)`` when it was already
+    gone, ``(0, 1)`` when it is still there (it is counted as left, not raised)."""
+    try:
+        remove(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return 0, 0
+    except OSError:
+        return 0, 1
+    return 1, 0
