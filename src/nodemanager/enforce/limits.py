@@ -75,6 +75,17 @@ class _ControllerEnforcer:
     def _same(self, current: str | None, wanted: str) -> bool:
         return current == wanted
 
+    def _read_groups(self, *files: str) -> dict[str, tuple[str | None, ...]]:
+        """Each sliver group's value file (the knob) and ``files``, read as text (None when
+        missing); no hierarchy for the controller: nothing. For ``observed``."""
+        where = self._where()
+        if where is None:
+            return {}
+        h, knob = where
+        parent = self.tree.parent(h)
+        return {name: tuple(self.tree.read(parent / name / f) for f in (knob, *files))
+                for name in self.tree.children(h)}
+
     def prepare(self, name: str, rspec: Mapping[str, int]) -> None:
         """Write the sliver's value into its (new) group. Idempotent."""
         self.apply_some({name: rspec}, [name])
@@ -177,11 +188,8 @@ class CpuEnforcer(_ControllerEnforcer):
         if found is None:
             return {}
         h, knob, scale = found
-        weights = {}
-        for name in self.tree.children(h):
-            value = self.tree.read(self.tree.parent(h) / name / knob)
-            if value is not None and value.isdigit():
-                weights[name] = int(value)
+        weights = {name: int(value) for name, (value,) in self._read_groups().items()
+                   if value is not None and value.isdigit()}
         parent_text = self.tree.read(self.tree.parent(h) / knob) or ""
         parent = int(parent_text) if parent_text.isdigit() else scale.unit
         # what these weights give under full contention, the rest of the node being one unit
@@ -221,16 +229,8 @@ class MemoryEnforcer(_ControllerEnforcer):
                 pass  # kernels from 6.x refuse it (the feature is gone); placement at once suffices
 
     def observed(self) -> dict[str, dict[str, int]]:
-        where = self._where()
-        if where is None:
-            return {}
-        h, knob = where
-        result = {}
-        for name in self.tree.children(h):
-            kib = _kib(self.tree.read(self.tree.parent(h) / name / knob))
-            if kib is not None:
-                result[name] = {"nm_memory_max": kib}
-        return result
+        kibs = {name: _kib(value) for name, (value,) in self._read_groups().items()}
+        return {name: {"nm_memory_max": kib} for name, kib in kibs.items() if kib is not None}
 
 
 class PidsEnforcer(_ControllerEnforcer):
@@ -246,14 +246,8 @@ class PidsEnforcer(_ControllerEnforcer):
         return str(max(1, rspec.get("nm_pids_max", DEFAULT_PIDS_MAX)))
 
     def observed(self) -> dict[str, dict[str, int]]:
-        where = self._where()
-        if where is None:
-            return {}
-        h, knob = where
         result = {}
-        for name in self.tree.children(h):
-            limit = self.tree.read(self.tree.parent(h) / name / knob)
-            current = self.tree.read(self.tree.parent(h) / name / "pids.current")
+        for name, (limit, current) in self._read_groups("pids.current").items():
             if limit is None:
                 continue
             values = {"nm_pids_max": int(limit) if limit.isdigit() else 0}
