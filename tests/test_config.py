@@ -62,13 +62,27 @@ def test_example_file_equals_defaults() -> None:
         ({"slivers": {"keys_dir": "keys"}}, "slivers.keys_dir"),
         ({"slivers": {"group": "Bad Group"}}, "slivers.group"),
         ({"tickets": {"max_age": 0}}, "tickets.max_age"),
-        ({"accounts": {"manage_keys": ["root"]}}, "accounts.manage_keys"),
-        ({"conf_files": {"enabled": True}}, "conf_files.enabled"),
+        ({"accounts": {"manage_keys": ["root", "Bad Name"]}}, "accounts.manage_keys"),
+        ({"api": {"observers": ["../x"]}}, "api.observers"),
+        ({"authority": {"ticket_keyring": "pubring.gpg"}}, "authority.ticket_keyring"),
+        ({"conf_files": {"enabled": True, "allowed_dirs": ["/etc/app"]}}, "conf_files.base_url"),
+        ({"conf_files": {"enabled": True, "base_url": "https://plc/boot/"}}, "conf_files.allowed_dirs"),
+        ({"conf_files": {"allowed_dirs": ["/etc/../root"]}}, "conf_files.allowed_dirs"),
+        ({"conf_files": {"allowed_dirs": ["/"]}}, "conf_files.allowed_dirs"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)):
         parse_config(data)
+
+
+def test_the_parity_keys_load_when_valid() -> None:
+    config = parse_config({
+        "authority": {"ticket_keyring": "/etc/planetlab/pubring.gpg"}, "api": {"observers": ["monitor"]},
+        "accounts": {"manage_keys": ["root", "site_admin"]},
+        "conf_files": {"enabled": True, "base_url": "https://plc.example.org/", "allowed_dirs": ["/etc/app"]},
+    })
+    assert config.accounts.manage_keys == ["root", "site_admin"] and config.conf_files.enabled
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:

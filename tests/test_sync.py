@@ -24,11 +24,18 @@ from nodemanager.workers import WorkerPool
 
 
 class FlakyBackend(HollowBackend):
-    """The hollow backend, made to fail ``create`` for the names in ``fail_create``."""
+    """The hollow backend, made to fail ``create`` for the names in ``fail_create`` and
+    ``destroy`` for those in ``fail_destroy``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fail_create: set[str] = set()
+        self.fail_destroy: set[str] = set()
+
+    def destroy(self, name):  # noqa: ANN001, ANN201
+        if name in self.fail_destroy:
+            raise BackendError(f"sliver {name}: userdel failed (injected)")
+        return super().destroy(name)
 
     def create(self, sliver):  # noqa: ANN001, ANN201
         if sliver.name in self.fail_create:
@@ -257,6 +264,27 @@ def test_failing_sliver_is_retried_with_backoff_and_others_proceed(node: Node) -
     node.sync()
     assert node.names() == {"site_bad", "site_good"}
     assert node.store.account("site_bad").failures == 0
+
+
+def test_a_failed_destroy_is_finished_and_a_sliver_wanted_again_runs_afresh(node: Node) -> None:
+    """A destroy that fails leaves the account half removed (locked, stopped): it stays a
+    destroy to finish, never a FAILED sliver that a later document would merely reconfigure --
+    that left a sliver wanted again stopped for good."""
+    node.authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")])
+    node.sync()
+    assert node.backend.is_running("site_beta")
+    node.backend.fail_destroy = {"site_beta"}
+    node.authority.publish([make_sliver("site_alpha")])
+    node.sync()
+    state = node.store.account("site_beta")
+    assert state.phase is Phase.DESTROYING and state.failures == 1
+    node.backend.fail_destroy = set()
+    node.authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")])
+    node.clock.advance(3600)
+    node.sync()
+    state = node.store.account("site_beta")
+    assert state.phase is Phase.RUNNING and state.failures == 0
+    assert node.backend.is_running("site_beta")
 
 
 def test_rejected_entry_does_not_delete_existing_sliver(node: Node) -> None:

@@ -11,6 +11,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -117,6 +118,8 @@ class Config(_Section):
 BACKENDS = ("account", "hollow")
 _PREFIX = re.compile(r"[a-z][a-z0-9]{0,7}")
 _GROUP = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+#: A local account name (useradd's default NAME_REGEX, without the trailing ``$``).
+_ACCOUNT = _GROUP
 #: uid_base + slice_id must stay a valid uid that XML-RPC's 32-bit ints can carry (GetXIDs).
 UID_BASE_MAX = 2**31 - 2**24
 _KEY_PATH = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
@@ -163,14 +166,21 @@ def _check(config: Config) -> None:
         problems.append(("slivers.keys_dir", "must be an absolute path"))
     if not _GROUP.fullmatch(sl.group):
         problems.append(("slivers.group", "must be a valid group name ([a-z_][a-z0-9_-]{0,31})"))
-    # Keys of later issues (authority.md "What a real PLCAPI sends"): accepted with their
-    # defaults so that a configuration written for them loads, refused when set, because this
-    # version does not implement them yet (README, "Where this deviates").
-    for key, value in (("authority.ticket_keyring", a.ticket_keyring), ("api.observers", config.api.observers),
-                       ("accounts.manage_keys", config.accounts.manage_keys),
-                       ("conf_files.enabled", config.conf_files.enabled)):
-        if value:
-            problems.append((key, "is not supported by this version yet (leave it at its default)"))
+    if a.ticket_keyring and not a.ticket_keyring.startswith("/"):
+        problems.append(("authority.ticket_keyring", "must be an absolute path (or empty: OpenPGP tickets refused)"))
+    for key, names in (("api.observers", config.api.observers), ("accounts.manage_keys", config.accounts.manage_keys)):
+        bad = [name for name in names if not _ACCOUNT.fullmatch(name)]
+        if bad:
+            problems.append((key, f"{bad[0]!r} is not a valid account name ([a-z_][a-z0-9_-]{{0,31}})"))
+    cf = config.conf_files
+    bad_dirs = [d for d in cf.allowed_dirs if not d.startswith("/") or d.rstrip("/") == "" or "/../" in d + "/"]
+    if bad_dirs:
+        problems.append(("conf_files.allowed_dirs", f"{bad_dirs[0]!r} must be an absolute directory other than / "
+                         "with no '..'"))
+    if cf.enabled and urlsplit(cf.base_url).scheme not in ("http", "https"):
+        problems.append(("conf_files.base_url", "must be an http(s) URL when conf_files.enabled"))
+    if cf.enabled and not cf.allowed_dirs:
+        problems.append(("conf_files.allowed_dirs", "must name at least one directory when conf_files.enabled"))
     if problems:
         key, why = problems[0]
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""

@@ -34,6 +34,7 @@ from .core.errors import NodeManagerError, TicketRejected
 from .core.plan import Action
 from .core.retry import backoff_delay
 from .datadir import AlreadyRunning, DataDir, Meta
+from .documenthandlers import document_handlers_from_config
 from .enforce.set import EnforcementSet
 from .enforcing import EnforcementHooks, EnforcementLoop
 from .health import sd_notify
@@ -153,6 +154,8 @@ def build_node(
         fetch=fetch if fetch is not None else AuthorityClient.from_config(config).fetch,
         clock=clock, max_delete_fraction=config.sync.max_delete_fraction,
         confirm_after=config.sync.confirm_after,
+        document_handlers=document_handlers_from_config(config, host=host, store=store, hollow=hollow),
+        on_handler_error=metrics.handler_failed,
     )
     if isinstance(tickets, _Default):
         tickets = ticket_redeemer_from_config(config, store=store, operations=operations, pool=pool, clock=clock)

@@ -46,6 +46,10 @@ class Meta:
     SSHD = "sshd_problems"
     #: The mass-deletion safety valve's memory (JSON).
     VALVE = "valve"
+    #: The admin-keys handler's last outcome (JSON, ``adminkeys``): shown by ``status``.
+    ADMIN_KEYS = "admin_keys_state"
+    #: The configuration-files handler's last outcome (JSON, ``conffiles``): shown by ``status``.
+    CONF_FILES = "conf_files_state"
     #: Written by ``nodemanager health`` to prove the store is writable.
     HEALTH_PROBE = "health_probe"
 

@@ -188,9 +188,7 @@ class EnforcementLoop:
             self._dirty = False
         self.passes["full" if full else "incremental"] += 1
         try:
-            keep, uids = self._owned()
-            self.enforcement.sweep(keep, self._is_ours)
-            self.enforcement.update_placement(uids, keep)
+            _, uids = self.enforcement.refresh(self._owned, self._is_ours)
             rspecs, applied_uids, homes = self.targets()
         except Exception:  # noqa: BLE001 - a pass never ends the loop
             logger.exception("event=enforcement-failed stage=prepare")

@@ -72,6 +72,8 @@ OUTCOMES = ("ok", "stale", "rejected", "authority-unavailable", "error")
 TICKET_REASONS = tuple(reason.label for reason in TicketReason)
 #: Enforcer names (enforce/*); anything else is ``other``.
 ENFORCERS = ("cpu", "memory", "pids", "bandwidth", "disk", "placement", "other")
+#: Labels of ``nodemanager_document_handler_errors`` (``sync.DocumentHandler.name``).
+DOCUMENT_HANDLERS = ("admin_keys", "conf_files", "other")
 #: Kinds of failed sliver operations (``nodemanager_sliver_operation_failures_total{kind}``), most
 #: specific class first; anything else is ``internal`` (a bug: logged with its traceback).
 FAILURE_KINDS: tuple[tuple[type[BaseException], str], ...] = (
@@ -269,6 +271,13 @@ class NodeMetrics:
         )
         for label in {kind for _, kind in FAILURE_KINDS} | {"internal"}:
             self.sliver_failures.labels(label)
+        self.handler_errors = Counter(
+            "nodemanager_document_handler_errors",
+            "Node-wide document handlers (admin keys, configuration files) that failed", ["handler"],
+            registry=r,
+        )
+        for label in DOCUMENT_HANDLERS:
+            self.handler_errors.labels(label)
         r.register(_StateCollector(store, queue_depth))
 
     def restore(self, store: StoreView) -> None:
@@ -289,6 +298,10 @@ class NodeMetrics:
             self.valve_trips.inc()
         if outcome.rejected:
             self.rejected_entries.inc(outcome.rejected)
+
+    def handler_failed(self, name: str) -> None:
+        """The sync's ``on_handler_error`` hook: one document handler failed unexpectedly."""
+        self.handler_errors.labels(name if name in DOCUMENT_HANDLERS else "other").inc()
 
     def sliver_failed(self, name: str, error: BaseException) -> None:
         """One failed operation of sliver ``name`` (its failures gauge comes from the store)."""

@@ -116,11 +116,15 @@ class SliverOperations:
 
     def _fail(self, name: str, exc: BaseException) -> None:
         state = self._state(name)
-        transition(state.phase, Phase.FAILED)  # any phase may fail; recorded like every change
+        # A failed destroy stays a destroy in progress (its account may be half removed: locked,
+        # stopped, its leftovers gone): the plan finishes it, or finishes it and creates the
+        # sliver afresh if it is wanted again. Any other failure is FAILED.
+        phase = Phase.DESTROYING if state.phase is Phase.DESTROYING else Phase.FAILED
+        transition(state.phase, phase)  # recorded like every change
         failures = state.failures + 1
         retry_at = self.clock.now() + backoff_delay(failures, BACKOFF_BASE_S, BACKOFF_CAP_S, self.rng)
         message = str(exc) if isinstance(exc, NodeManagerError) else f"internal error: {type(exc).__name__}: {exc}"
-        self.store.record_failure(name, message, retry_at)
+        self.store.record_failure(name, message, retry_at, phase)
         logger.error(
             "sliver=%s event=failed failures=%d retry_in=%.0fs error=%s",
             name, failures, retry_at - self.clock.now(), message,

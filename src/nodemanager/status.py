@@ -56,6 +56,8 @@ def state_label(sliver: Sliver | None, state: AccountState | None, now: float) -
         return "pending"
     if state.phase is Phase.FAILED:
         return f"failed: {state.last_error[:60]}"
+    if state.phase is Phase.DESTROYING and state.failures:
+        return f"destroying, failed: {state.last_error[:48]}"
     if sliver is None:
         return "orphan (removal pending)"
     return state.phase.value

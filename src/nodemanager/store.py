@@ -199,12 +199,13 @@ class Store:
             if self._account_cache is not None:
                 self._account_cache[state.name] = state
 
-    def record_failure(self, name: str, error: str, retry_at: float) -> AccountState:
+    def record_failure(self, name: str, error: str, retry_at: float, phase: Phase = Phase.FAILED) -> AccountState:
         """Count one more failed operation for ``name`` and return the new state.
 
-        Sets phase FAILED, ``last_error`` and ``retry_at``, keeping the other fields. When no state
-        exists yet (the very first create failed) one is made with ``owned=False``: the node made
-        nothing it may later remove.
+        Sets ``phase`` (FAILED; DESTROYING for a failed destroy, which stays a destroy to finish),
+        ``last_error`` and ``retry_at``, keeping the other fields. When no state exists yet (the
+        very first create failed) one is made with ``owned=False``: the node made nothing it may
+        later remove.
         """
         with self._lock:
             with self._transaction("record failure") as conn:
@@ -218,7 +219,7 @@ class Store:
                     uid=old.uid,
                     owned=old.owned,
                     applied=old.applied,
-                    phase=Phase.FAILED,
+                    phase=Phase(phase),
                     failures=old.failures + 1,
                     last_error=error,
                     retry_at=float(retry_at),

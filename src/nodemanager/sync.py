@@ -9,6 +9,10 @@ A cycle also runs when the authority is unreachable: the records we hold still d
 expiry and retries, while removals of slivers are gated until a good document has been received
 since this process started (a node that boots while the authority is down keeps everything).
 
+A document that is merged (not stale) is also handed to each node-wide ``DocumentHandler``
+(admin keys, configuration files: the document's ``members``), after the slivers' work is handed
+out; a handler that fails is logged and counted, and never fails the sync or the slivers.
+
 A cycle never raises for its own failure: a sliver's failed operation is that sliver's outcome
 (``operations`` recorded and logged it), and anything else that goes wrong -- the store, a bug --
 ends the cycle as a failed :class:`SyncOutcome` (result ``ERROR``), logged with its traceback,
@@ -20,9 +24,10 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from .backends.base import Backend
 from .clock import Clock
@@ -38,6 +43,18 @@ from .workers import Completion, WorkerPool
 logger = logging.getLogger(__name__)
 
 Fetch = Callable[[], tuple[AuthorityDocument, frozenset[str]]]
+
+
+class DocumentHandler(Protocol):
+    """A node-wide consumer of accepted authority documents (not of slivers): it validates the
+    member it handles from ``doc.members`` itself, applies it, and records what ``status`` shows.
+    Called from the sync thread, one document at a time, only for documents merged (never for a
+    stale or rejected one)."""
+
+    #: Short name for the log and metrics ("admin_keys", "conf_files").
+    name: str
+
+    def apply(self, doc: AuthorityDocument) -> None: ...
 
 
 class SyncResult(str, Enum):
@@ -100,8 +117,12 @@ class Syncer:
         clock: Clock,
         max_delete_fraction: float = 0.5,
         confirm_after: int = 2,
+        document_handlers: Sequence[DocumentHandler] = (),
+        on_handler_error: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.store = store
+        self.document_handlers = tuple(document_handlers)
+        self.on_handler_error = on_handler_error
         self.backend = backend
         self.operations = operations
         self.pool = pool
@@ -223,6 +244,7 @@ class Syncer:
         operator_allowed = self.store.get_meta(Meta.ALLOW_MASS_DELETE) == "1"
         allow_mass_delete = allow_mass_delete or operator_allowed
         records: dict[str, Sliver] | None = None
+        accepted: AuthorityDocument | None = None
         try:
             doc, protected = self._fetch()
         except AuthorityError as exc:
@@ -238,6 +260,7 @@ class Syncer:
             outcome = _document_outcome(doc, merged)
             if merged is not None:
                 records = self._persist(doc, merged, outcome)
+                accepted = doc
                 if operator_allowed:
                     self.store.set_meta({Meta.ALLOW_MASS_DELETE: ""})
                     logger.warning("event=mass-delete-allowed-by-operator deletes=%d", len(merged.deletes))
@@ -252,6 +275,8 @@ class Syncer:
         for action in outcome.actions:
             logger.info("sliver=%s event=planned action=%s reason=%s", action.name, action.kind.value, action.reason)
             outcome.completions[action.name] = self.submit(action)
+        if accepted is not None:
+            self._handle(accepted)
         if wait:
             for completion in outcome.completions.values():
                 try:
@@ -277,6 +302,15 @@ class Syncer:
         outcome.upserts, outcome.deletes = len(merged.upserts), len(merged.deletes)
         outcome.held, outcome.valve_tripped = merged.held, merged.valve_tripped
         return merged.records
+
+    def _handle(self, doc: AuthorityDocument) -> None:
+        """Hand ``doc`` to each node-wide handler; one failing never stops the others."""
+        for handler in self.document_handlers:
+            try:
+                handler.apply(doc)
+            except Exception as exc:  # noqa: BLE001 - a handler's failure is its own, not the sync's
+                logger.exception("event=document-handler-failed handler=%s error=%s", handler.name, exc)
+                self.on_handler_error(handler.name)
 
     def _record_outcome(self, outcome: SyncOutcome) -> None:
         now = self.clock.now()

@@ -17,7 +17,7 @@ LEGAL = {
     S: {S, R, F, D, A},
     R: {R, S, F, D, A},
     F: {F, S, R, D, A},
-    D: {D, A, F},
+    D: {D, A},
 }
 
 

@@ -162,9 +162,10 @@ class CountingSet:
             raise error
         return {}
 
-    def sweep(self, keep, is_ours=lambda name: True):  # type: ignore[no-untyped-def]
+    def refresh(self, owned, is_ours):  # type: ignore[no-untyped-def]
+        keep, uids = owned()
         self.swept.append({k for k in keep if is_ours(k)})
-        return []
+        return keep, uids
 
     def update_placement(self, uids, keep) -> None:  # type: ignore[no-untyped-def]
         pass
@@ -238,3 +239,68 @@ def test_a_full_pass_every_reapply_s() -> None:
         assert wait_until(lambda: enforcement.full >= 3)
     finally:
         loop.stop()
+
+
+def test_a_sliver_removal_waits_for_a_pass_in_progress() -> None:
+    """The enforcement loop's pass and a worker's destroy both read then write the kernel (tc
+    classes, nft maps): run together, both deleted the same HTB class and the destroy failed
+    with "No such file or directory". A removal now waits for the pass, and a pass for it."""
+    order: list[str] = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    class Slow(Recording):
+        def apply(self, rspecs, uids, homes=None):  # type: ignore[no-untyped-def]
+            order.append("pass begins")
+            inside.set()
+            assert release.wait(5)
+            order.append("pass ends")
+            return ()
+
+        def remove(self, name: str, uid: int) -> None:
+            order.append(f"remove {name}")
+
+    enforcers = EnforcementSet([Slow("bandwidth")])
+    passing = threading.Thread(target=enforcers.apply_all, args=(rspecs(), {"acct_a": 1001}))
+    passing.start()
+    assert inside.wait(5)
+    removing = threading.Thread(target=enforcers.remove_all, args=("acct_a", 1001))
+    removing.start()
+    removing.join(0.2)
+    assert removing.is_alive(), "the removal ran while the pass was in progress"
+    release.set()
+    passing.join(5)
+    removing.join(5)
+    assert order == ["pass begins", "pass ends", "remove acct_a"]
+
+
+def test_a_sweep_reads_the_keep_set_after_a_sliver_being_prepared_is_registered(make_cgroup_host) -> None:  # type: ignore[no-untyped-def]
+    """The enforcement loop read the store's keep set, then swept: a sliver whose groups a
+    worker made in between (its intent already in the store) was swept as a stranger, its first
+    processes killed. The keep set is now read under the lock ``prepare_sliver`` holds."""
+    tree = CgroupTree(make_cgroup_host("hybrid"), ["cpu", "memory", "pids", "freezer"], group="nm")
+    enforcement = EnforcementSet([CpuEnforcer(tree)], tree=tree)
+    store: set[str] = set()
+    reading = threading.Event()
+    go_on = threading.Event()
+
+    def owned() -> tuple[set[str], dict[str, int]]:
+        keep = set(store)  # read before the worker records its intent ...
+        reading.set()
+        assert go_on.wait(5)
+        return keep, {}
+
+    sweeping = threading.Thread(target=enforcement.refresh, args=(owned, lambda n: True))
+    sweeping.start()
+    assert reading.wait(5)
+    store.add("nm_new")  # ... which it does now, then makes the sliver's groups
+    preparing = threading.Thread(target=enforcement.prepare_sliver, args=("nm_new", 1001, BASE))
+    preparing.start()
+    preparing.join(0.2)
+    assert preparing.is_alive(), "groups were made while a sweep with an older keep set ran"
+    go_on.set()
+    sweeping.join(5)
+    preparing.join(5)
+    assert tree.existing("nm_new")
+    enforcement.refresh(lambda: (set(), {}), lambda n: True)
+    assert not tree.existing("nm_new")

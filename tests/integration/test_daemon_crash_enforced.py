@@ -124,6 +124,19 @@ def pids_of(uid: int) -> set[int]:
     return {int(p) for p in result.stdout.split()}
 
 
+def running_uids() -> set[int]:
+    return {int(u) for u in run("ps", "-e", "-o", "uid=").stdout.split()}
+
+
+def dead_while_running(data: Path) -> list[str]:
+    """Slivers the store calls running whose uid has no process (for a failure's message: at
+    which kill a sliver's processes went missing)."""
+    alive = running_uids()
+    with Store(data / "nodemanager.sqlite") as store:
+        return sorted(n for n, s in store.accounts().items()
+                      if s.owned and s.phase is Phase.RUNNING and s.uid not in alive)
+
+
 def states(data: Path) -> dict[str, tuple[str, int, str]]:
     with Store(data / "nodemanager.sqlite") as store:
         return {n: (s.phase.value, s.failures, s.last_error) for n, s in store.accounts().items() if s.owned}
@@ -148,6 +161,7 @@ def test_kills_during_churn_then_good_then_empty_documents(node: tuple[Path, Pat
     rng = random.Random(20261207)
     current = UNIVERSE[:30]
     timestamp = 1000
+    history: list[list[str]] = []  # after each kill, the running slivers with no process
     for _ in range(10):
         removed = set(rng.sample(current, 4))
         added = rng.sample([n for n in UNIVERSE if n not in current], 4)
@@ -158,6 +172,7 @@ def test_kills_during_churn_then_good_then_empty_documents(node: tuple[Path, Pat
         time.sleep(rng.uniform(0.5, 3.0))
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)
+        history.append(dead_while_running(data))
 
     timestamp += 10
     write_doc(doc, current, timestamp)
@@ -169,7 +184,7 @@ def test_kills_during_churn_then_good_then_empty_documents(node: tuple[Path, Pat
         for name in current:
             account = accounts[PREFIX + name]
             assert wait_for(lambda: bool(pids_of(account.uid)) and pids_of(account.uid) <= members(PREFIX + name),
-                            30, 0.5), (name, pids_of(account.uid), members(PREFIX + name))
+                            30, 0.5), (name, pids_of(account.uid), members(PREFIX + name), history)
             assert len(cgroup_dirs(PREFIX + name)) >= 3, cgroup_dirs(PREFIX + name)
         assert wait_for(lambda: all(str(accounts[PREFIX + n].uid) in run("nft", "list", "table", "inet", TABLE).stdout
                                     for n in current), 30, 0.5)

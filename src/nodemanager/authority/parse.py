@@ -27,6 +27,7 @@ written for the happy path of 10,000-sliver documents: precompiled regexes,
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -46,6 +47,8 @@ from ..core.records import (
     validate_name,
 )
 from .safe_xml import loads_xmlrpc_call, loads_xmlrpc_response, parse_xml_safely
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_XML_MAX_BYTES",
@@ -248,6 +251,32 @@ def _check_sliver(entry: Mapping[str, Any], timestamp: int, initscripts: dict[st
     )
 
 
+#: Top-level members of a GetSlivers answer (authority.md "What a real PLCAPI sends") and what the
+#: node does with each: parsed here, handed whole to a node-wide handler (``members``), or ignored
+#: on purpose -- with a debug line naming it, so an operator can see nothing is half-used.
+PARSED_MEMBERS = frozenset({"timestamp", "node_id", "hostname", "slivers", "initscripts", "bwcap", "interfaces"})
+HANDLED_MEMBERS = frozenset({"accounts", "conf_files"})
+IGNORED_MEMBERS: Mapping[str, str] = {
+    "hrn": "informational (the node's human-readable name)",
+    "groups": "node groups: nothing on the node depends on them",
+    "xmpp": "PLC's XMPP notification settings: this node has no XMPP client",
+    "leases": "reservations are not implemented by this version",
+    "reservation_policy": "reservations are not implemented by this version",
+    "lease_granularity": "reservations are not implemented by this version",
+}
+
+
+def document_members(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The members for node-wide handlers (``HANDLED_MEMBERS`` present and not nil), logging at
+    debug level each top-level member the node ignores (known ones with the reason)."""
+    for key in data:
+        if key in PARSED_MEMBERS or key in HANDLED_MEMBERS:
+            continue
+        reason = IGNORED_MEMBERS.get(key, "not a member this node knows") if isinstance(key, str) else "not a name"
+        logger.debug("event=document-member-ignored member=%s reason=%s", str(key)[:40], reason)
+    return {key: data[key] for key in HANDLED_MEMBERS if data.get(key) is not None}
+
+
 def parse_getslivers_with_protection(
     data: Mapping[str, Any], *, expected_node_id: int | None, now: int | None = None
 ) -> tuple[AuthorityDocument, frozenset[str]]:
@@ -310,6 +339,7 @@ def parse_getslivers_with_protection(
         bwcap_kbps=bwcap,
         slivers=tuple(slivers),
         rejected=tuple(rejected),
+        members=document_members(data),
     )
     return document, frozenset(protected)
 

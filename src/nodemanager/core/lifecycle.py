@@ -54,8 +54,9 @@ TRANSITIONS: Mapping[Phase, frozenset[Phase]] = _table(
         Phase.RUNNING: (Phase.STOPPED, Phase.FAILED, Phase.DESTROYING, Phase.ABSENT),
         Phase.FAILED: (Phase.STOPPED, Phase.RUNNING, Phase.DESTROYING, Phase.ABSENT),
         # A destroy cut short (crash) of a sliver that is wanted again is finished first
-        # (-> ABSENT), then the account is created afresh: never DESTROYING -> STOPPED.
-        Phase.DESTROYING: (Phase.ABSENT, Phase.FAILED),
+        # (-> ABSENT), then the account is created afresh: never DESTROYING -> STOPPED. A failed
+        # destroy stays DESTROYING (retried, or finished before the sliver is created again).
+        Phase.DESTROYING: (Phase.ABSENT,),
     }
 )
 

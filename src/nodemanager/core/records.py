@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from .errors import InvalidName
 
@@ -144,6 +146,10 @@ class AuthorityDocument:
     bwcap_kbps: int | None = None
     slivers: tuple[Sliver, ...] = ()
     rejected: tuple[Rejection, ...] = ()
+    #: Top-level members that node-wide handlers validate themselves (``accounts``,
+    #: ``conf_files``: see ``sync.DocumentHandler``), as the authority sent them (untrusted);
+    #: a member the document does not carry (or carries as nil) is absent from the mapping.
+    members: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Phase(str, Enum):

@@ -15,9 +15,11 @@ The enforcement loop (``enforcing.EnforcementLoop``) calls, from its one thread:
 * ``apply_all(rspecs, uids, homes)``: every enforcer, reading the kernel (start-up, drift repair);
 * ``apply_changes(rspecs, uids, homes)``: only the enforcers whose inputs changed since the last
   pass, for the slivers that changed (a loan of CPU touches two ``cpu.shares`` files, no tc);
-* ``sweep(keep, is_ours)``: remove the cgroups of accounts the store no longer knows;
-* ``update_placement(uids, keep)`` and ``place_processes(uids)``: the placement listener's map and
-  the periodic placement sweep (its safety net).
+* ``refresh(owned, is_ours)``: read the store's owned accounts, remove the cgroups of accounts
+  it no longer knows (``sweep``) and set the placement listener's map (``update_placement``), all
+  under the lock a worker's ``prepare_sliver`` takes: a keep set read before a sliver's groups
+  were made would sweep them, killing its first processes;
+* ``place_processes(uids)``: the periodic placement sweep (the listener's safety net).
 
 The account backend's hooks (``enforcing.EnforcementHooks``) call, from worker threads:
 ``prepare_sliver`` (account made, nothing runs yet), ``stop_sliver`` (Stop, disable, Destroy) and
@@ -68,6 +70,11 @@ class EnforcementSet:
         self._applied: Targets | None = None
         self._redo: set[str] = set()
         self._lock = threading.Lock()
+        #: Serialises what changes the kernel's enforcement state: a pass (the enforcement
+        #: loop's thread) and one sliver's prepare/remove (a worker's). Each enforcer reads the
+        #: kernel and then writes (tc, nft, cgroup files): two at once would act on a stale read,
+        #: e.g. both deleting the same HTB class, and the second fail.
+        self._enforcing = threading.RLock()
         self._registered: dict[str, int] = {}
 
     @classmethod
@@ -178,6 +185,10 @@ class EnforcementSet:
         return self._run_pass(Targets(rspecs, uids, homes or {}), full=False)
 
     def _run_pass(self, targets: Targets, *, full: bool) -> dict[str, str]:
+        with self._enforcing:
+            return self._run_pass_locked(targets, full=full)
+
+    def _run_pass_locked(self, targets: Targets, *, full: bool) -> dict[str, str]:
         # taken, not copied and cleared: a cap change (set_node_cap, another thread) marked
         # meanwhile lands in one set or the other, never between
         before, redo, self._redo = self._applied, self._redo, set()
@@ -217,20 +228,21 @@ class EnforcementSet:
         if self.tree is None:
             return
         failures: list[str] = []
-        try:
-            self.tree.ensure_parents()
-            self.tree.ensure(name)
-        except BackendError as exc:
-            raise BackendError(f"sliver {name}: cannot make its cgroups: {exc}") from exc
-        for enforcer in self._cgroup_enforcers():
+        with self._enforcing:  # a sweep never sees the groups made but not yet registered
             try:
-                enforcer.prepare(name, rspec)
+                self.tree.ensure_parents()
+                self.tree.ensure(name)
             except BackendError as exc:
-                failures.append(f"{enforcer.name}: {exc}")
-        with self._lock:
-            self._registered[name] = uid
-        if self.placement is not None:
-            self.placement.set_target(uid, self._target(name))
+                raise BackendError(f"sliver {name}: cannot make its cgroups: {exc}") from exc
+            for enforcer in self._cgroup_enforcers():
+                try:
+                    enforcer.prepare(name, rspec)
+                except BackendError as exc:
+                    failures.append(f"{enforcer.name}: {exc}")
+            with self._lock:
+                self._registered[name] = uid
+            if self.placement is not None:
+                self.placement.set_target(uid, self._target(name))
         if failures:
             raise BackendError(f"sliver {name}: " + "; ".join(failures))
 
@@ -256,13 +268,27 @@ class EnforcementSet:
             except BackendError as exc:
                 failures.append(f"processes: {exc}")
         self._forget(name)
-        for enforcer in self.enforcers:
-            try:
-                enforcer.remove(name, uid)
-            except BackendError as exc:
-                failures.append(f"{enforcer.name}: {exc}")
+        with self._enforcing:
+            for enforcer in self.enforcers:
+                try:
+                    enforcer.remove(name, uid)
+                except BackendError as exc:
+                    failures.append(f"{enforcer.name}: {exc}")
         if failures:
             raise BackendError(f"sliver {name}: " + "; ".join(failures))
+
+    def refresh(self, owned: Callable[[], tuple[set[str], dict[str, int]]],
+                is_ours: Callable[[str], bool]) -> tuple[set[str], dict[str, int]]:
+        """Read ``owned()`` (the accounts to keep, and their known uids: the store's), sweep
+        what it does not keep and update placement's map, with no sliver prepared meanwhile.
+        A worker records a sliver's intent in the store before making its groups, so the keep
+        set read here either names the sliver or predates its groups. Returns what ``owned``
+        gave."""
+        with self._enforcing:
+            keep, uids = owned()
+            self.sweep(keep, is_ours)
+            self.update_placement(uids, keep)
+        return keep, uids
 
     def sweep(self, keep: Collection[str], is_ours: Callable[[str], bool] = lambda name: True) -> list[str]:
         """Remove what belongs to no sliver: the cgroups (every hierarchy) of accounts that
@@ -277,12 +303,13 @@ class EnforcementSet:
             gone = [n for n in self._registered if n not in keep and is_ours(n)]
         for name in gone:
             self._forget(name)
-        if self.disk is not None:
-            try:
-                self.disk.sweep(keep)
-            except BackendError as exc:
-                log.warning("event=disk_sweep_failed error=%r", str(exc))
-        return [] if self.tree is None else sweep(self.tree, keep, is_ours)
+        with self._enforcing:
+            if self.disk is not None:
+                try:
+                    self.disk.sweep(keep)
+                except BackendError as exc:
+                    log.warning("event=disk_sweep_failed error=%r", str(exc))
+            return [] if self.tree is None else sweep(self.tree, keep, is_ours)
 
     def _forget(self, name: str) -> None:
         with self._lock:
