@@ -287,6 +287,17 @@ def test_a_failed_destroy_is_finished_and_a_sliver_wanted_again_runs_afresh(node
     assert node.backend.is_running("site_beta")
 
 
+def test_a_start_planned_on_a_state_read_before_the_create_finished_runs_once(node: Node) -> None:
+    """A cycle that plans while a sliver's create is still in flight sees it unsettled and asks
+    for a configure-and-start; queued behind the create (which started it), that start must not
+    run the initscript a second time."""
+    sliver = make_sliver("site_alpha")
+    node.node.operations.ensure(sliver, start=True)   # the create, which starts it
+    node.node.operations.ensure(sliver, start=True)   # the stale plan's configure-and-start
+    assert node.backend.calls["start"] == 1
+    assert node.store.account("site_alpha").phase is Phase.RUNNING
+
+
 def test_rejected_entry_does_not_delete_existing_sliver(node: Node) -> None:
     node.authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")])
     node.sync()

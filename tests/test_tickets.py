@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import copy
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -44,6 +43,7 @@ from nodemanager.core.records import (
 from nodemanager.operations import SliverOperations
 from nodemanager.store import Store
 from nodemanager.testing.clock import ManualClock
+from nodemanager.testing.story import store_snapshot
 from nodemanager.tickets import (
     MAX_TICKET_BYTES,
     TicketVerifier,
@@ -110,9 +110,7 @@ class Node:
     path: Path
 
     def snapshot(self) -> tuple[object, ...]:
-        with sqlite3.connect(self.path) as conn:
-            marks = sorted(conn.execute("SELECT slice, issued FROM ticket_marks").fetchall())
-        return self.store.slivers(), self.store.accounts(), marks
+        return store_snapshot(self.store)
 
 
 @pytest.fixture

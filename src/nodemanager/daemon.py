@@ -161,7 +161,7 @@ def build_node(
         tickets = ticket_redeemer_from_config(config, store=store, operations=operations, pool=pool, clock=clock)
     api = NodeManagerApi(
         store=store, pool=pool, operations=operations,
-        resolve_caller=caller_resolver(store, host.getpwuid), node_cap_kbps=cap,
+        resolve_caller=caller_resolver(store, host.getpwuid, config.api.observers), node_cap_kbps=cap,
         tickets=None if tickets is None else CountedRedeemer(tickets, metrics),
         on_loans_changed=loop.poke if loop is not None else (lambda: None),
     )

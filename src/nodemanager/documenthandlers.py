@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 
+from .adminkeys import AdminKeys
 from .config import Config
+from .conffiles import ConfFilesHandler
 from .host import Host
 from .store import Store
 from .sync import DocumentHandler
@@ -29,4 +31,8 @@ def document_handlers_from_config(config: Config, *, host: Host, store: Store, h
             logger.warning("event=document-handler-off key=%s reason=hollow-backend", key)
         return []
     handlers: list[DocumentHandler] = []
+    if config.accounts.manage_keys:
+        handlers.append(AdminKeys(host, store, config.accounts.manage_keys, confirm_after=config.sync.confirm_after))
+    if config.conf_files.enabled:
+        handlers.append(ConfFilesHandler.from_config(config, host=host, store=store))
     return handlers

@@ -39,10 +39,13 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import forkguard
 from .core.errors import BackendError
+from .hostconfined import ConfinedFiles
 from .hostfiles import READ_LIMIT, FileInfo, LinkSafeFiles
 from .hostfiles import describe_oserror as _describe
 from .hostprocs import ProcEventChannel, process_ids, signal_through_pidfd
+from .hostshell import ShellResult, run_shell_command
 
 __all__ = [
     "COMMAND_ENV",
@@ -54,6 +57,7 @@ __all__ = [
     "Host",
     "PasswdEntry",
     "ShadowEntry",
+    "ShellResult",
     "ensure_file",
 ]
 
@@ -108,7 +112,7 @@ def _shadow(line: str) -> ShadowEntry | None:
     return ShadowEntry(fields[0], fields[1], fields[7]) if len(fields) >= 8 else None
 
 
-class Host(LinkSafeFiles):
+class Host(LinkSafeFiles, ConfinedFiles):
     """The real machine. Subclass or replace methods in tests; see ``FakeHost``. The file
     methods (``atomic_write``, ``read_file``, ``remove_tree``...) come from ``LinkSafeFiles``."""
 
@@ -122,16 +126,23 @@ class Host(LinkSafeFiles):
         input: bytes | None = None,
         timeout: float = 60,
         check: bool = True,
+        stdout: Path | None = None,
     ) -> CommandResult[bytes]:
         """Run ``argv`` (a list, never a shell string) and capture its output.
 
         With ``check`` a non-zero exit raises ``BackendError``; without it the caller inspects
-        ``returncode``. A missing program or a timeout always raises."""
+        ``returncode``. A missing program or a timeout always raises. ``stdout``: a new file
+        (created 0600, never an existing one) that receives the standard output instead of
+        memory, so a size limit on the command's files (``prlimit --fsize``) caps it too."""
         args = [str(a) for a in argv]
         try:
-            result = subprocess.run(
-                args, input=input, capture_output=True, timeout=timeout, env=COMMAND_ENV, check=False
-            )
+            if stdout is None:
+                result = forkguard.run(args, input=input, capture_output=True, timeout=timeout, env=COMMAND_ENV)
+            else:
+                with open(os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as out:
+                    result = forkguard.run(
+                        args, input=input, stdout=out, stderr=subprocess.PIPE, timeout=timeout, env=COMMAND_ENV,
+                    )
         except subprocess.TimeoutExpired as exc:
             raise BackendError(f"{args[0]} timed out after {timeout:g}s") from exc
         except OSError as exc:
@@ -140,6 +151,12 @@ class Host(LinkSafeFiles):
             tail = result.stderr.decode("utf-8", "replace").strip()[-STDERR_TAIL:]
             raise BackendError(f"{args[0]} exited with status {result.returncode}: {tail or '(no stderr)'}")
         return result
+
+    def run_shell(self, command: str, *, timeout: float, output_limit: int = 64 * 1024) -> ShellResult:
+        """Run an authority-supplied shell command line (``conf_files``) as root with
+        ``/bin/sh -c``: the one shell string the node runs; see :mod:`nodemanager.hostshell`.
+        A failure or timeout is a result; only a shell that cannot start raises."""
+        return run_shell_command(command, timeout=timeout, output_limit=output_limit)
 
     def run_as(
         self,
@@ -162,8 +179,8 @@ class Host(LinkSafeFiles):
             raise BackendError(f"run_as refuses uid 0 for {argv[0] if argv else '?'}")
         args = [str(a) for a in argv]
         try:
-            result = subprocess.run(
-                args, capture_output=True, timeout=timeout, env=COMMAND_ENV, check=False, cwd="/",
+            result = forkguard.run(
+                args, capture_output=True, timeout=timeout, env=COMMAND_ENV, cwd="/",
                 user=uid, group=gid, extra_groups=list(groups), stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired as exc:
@@ -330,7 +347,7 @@ class Host(LinkSafeFiles):
         # cannot join a root-owned cgroup: with cgroups, join first, then drop privileges there.
         join = _join_then_drop(list(cgroups), uid, gid, groups) if cgroups else None
         try:
-            child = subprocess.Popen(
+            child = forkguard.popen(
                 [setsid, "--fork", "--", *[str(a) for a in argv]],
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,

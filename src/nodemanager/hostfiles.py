@@ -21,11 +21,12 @@ import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from .core.errors import BackendError
+from .forkguard import FORK_GUARD
 from .hostsweep import MOUNTS_FILE, parse_mounts, remove_owned_below
 
 #: Reads of sliver-controlled files stop here: a sliver must not make the daemon read gigabytes.
@@ -75,6 +76,34 @@ def _file_info(info: os.stat_result) -> FileInfo:
 def _is_executable_file(entry: os.DirEntry[str]) -> bool:
     mode = entry.stat(follow_symlinks=False).st_mode
     return stat.S_ISREG(mode) and bool(mode & 0o111)
+
+
+def replace_in_directory(dfd: int, name: str, data: bytes, *, uid: int, gid: int, mode: int) -> None:
+    """Replace the entry ``name`` of the open directory ``dfd`` with a file holding ``data``,
+    owned by ``uid:gid`` with ``mode``: a temporary file (``O_EXCL``, ``O_NOFOLLOW``) written,
+    fsynced and renamed over ``name``, then the directory fsynced. A link at ``name`` is replaced,
+    never followed. While an executable file is open for writing, no fork of this process may
+    run (``forkguard``): a child holding its descriptor would make it "Text file busy"."""
+    temp = f".{name[:200]}.nm-{secrets.token_hex(6)}"
+    try:
+        with FORK_GUARD.writing_executable() if mode & 0o111 else nullcontext():
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dfd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError:
+        with suppress(OSError):
+            os.unlink(temp, dir_fd=dfd)
+        raise
+    os.fsync(dfd)
 
 
 class LinkSafeFiles:
@@ -186,28 +215,10 @@ class LinkSafeFiles:
         """Replace ``path`` with ``data`` atomically (temporary file, fsync, rename) owned by
         ``uid:gid`` with ``mode``. A link at ``path`` is replaced, never followed."""
         path = Path(path)
-        temp = f".{path.name}.nm-{secrets.token_hex(6)}"
         with self._parent_of(path, "write") as dfd:
             if dfd is None:
                 raise FileNotFoundError(errno.ENOENT, "no such directory")
-            try:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd = os.open(temp, flags, 0o600, dir_fd=dfd)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fchown(fd, uid, gid)
-                    os.fchmod(fd, mode)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(temp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except OSError:
-                with suppress(OSError):
-                    os.unlink(temp, dir_fd=dfd)
-                raise
-            os.fsync(dfd)
+            replace_in_directory(dfd, path.name, data, uid=uid, gid=gid, mode=mode)
 
     def stat_file(self, path: Path) -> FileInfo | None:
         """``lstat`` of ``path`` through a safe walk; None when it does not exist."""

@@ -41,6 +41,8 @@ from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .adminkeys import gauge_values as admin_key_gauges
+from .conffiles import state_counts as conf_file_counts
 from .core.addresses import parse_host_port
 from .core.authz import METHODS
 from .core.errors import (
@@ -183,6 +185,19 @@ class _StateCollector(Collector):
         )
         held.add_metric([], float(len(valve.held)))
         yield held
+        admin = [GaugeMetricFamily(f"nodemanager_admin_keys{suffix}", text, labels=["account"]) for suffix, text in (
+            ("", "Authority keys in each managed account's block"),
+            ("_held_removals", "Admin keys whose removal is held (a document would remove every key)"),
+            ("_problem", "1 when the last document could not be applied to the account"))]
+        for account, values in sorted(admin_key_gauges(_safe_meta(store, Meta.ADMIN_KEYS)).items()):
+            for family, value in zip(admin, values):
+                family.add_metric([account], float(value))
+        yield from admin
+        conf_files = GaugeMetricFamily("nodemanager_conf_files", "Configuration files by the state of the last "
+                                       "document (installed, unchanged, refused, failed, disabled)", labels=["state"])
+        for state, count in (conf_file_counts(_safe_meta(store, Meta.CONF_FILES)) or {}).items():
+            conf_files.add_metric([state], float(count))
+        yield conf_files
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -205,6 +205,11 @@ class SliverOperations:
             phase = Phase.RUNNING if self.backend.is_running(name) else Phase.STOPPED
         if rspec.get("nm_enabled", 1) == 0:
             phase = Phase.STOPPED
+        elif start and state.phase is Phase.RUNNING:
+            # The plan asked for a start on the state it read; an operation that ran meanwhile
+            # (a create still in flight when the plan was made) has started it: starting again
+            # would run its initscript twice.
+            logger.info("sliver=%s event=start-skipped reason=already-running", name)
         elif start:
             self.backend.start(sliver)
             phase = Phase.RUNNING

@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from .adminkeys import status_lines as admin_keys_lines
+from .conffiles import status_lines as conf_files_lines
 from .core.records import AccountState, Phase, Sliver
 from .core.rspec import rspec_from_attributes
 from .datadir import Meta
@@ -116,6 +118,8 @@ def render_status(store: Store, now: float | None = None) -> str:
     valve = store.valve()
     if valve.held:
         head.append(f"SAFETY VALVE:   {len(valve.held)} removals held (seen in {valve.seen} document(s))")
+    head += admin_keys_lines(store.get_meta(Meta.ADMIN_KEYS, ""), lambda epoch: _when(epoch, now))
+    head += conf_files_lines(store.get_meta(Meta.CONF_FILES, ""), lambda epoch: _when(epoch, now))
     rows = sliver_rows(store.slivers(), store.accounts(), now, cap)
     body = table(rows, COLUMNS) if rows else "(no slivers)"
     return "\n".join(head) + "\n\n" + body + f"\n\n{len(rows)} sliver(s)"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -351,19 +351,29 @@ class Store:
         win). A crash leaves either both written or neither: never a record without its mark
         (which would let the same ticket be redeemed again) nor a mark without its record.
         """
-        with self._converting(f"cannot store sliver record {sliver.name!r}"):
-            row = sliver_row(sliver)
+        return self.redeem_tickets((sliver,), issued)
+
+    def redeem_tickets(self, slivers: Sequence[Sliver], issued: int) -> bool:
+        """:meth:`redeem_ticket` for every sliver of one ticket, all in ONE durable transaction:
+        False and nothing written when any of the slices' marks is already ``>= issued``."""
+        rows = []
+        for sliver in slivers:
+            with self._converting(f"cannot store sliver record {sliver.name!r}"):
+                rows.append(sliver_row(sliver))
         with self._lock:
             with self._transaction("redeem ticket", durable=True) as conn:
-                mark = conn.execute(
-                    "SELECT issued FROM ticket_marks WHERE slice = ?", (sliver.name,)
-                ).fetchone()
-                if mark is not None and int(mark[0]) >= issued:
-                    return False
-                conn.execute(UPSERT_SLIVER, row)
-                conn.execute(UPSERT_MARK, (sliver.name, issued))
+                for sliver in slivers:
+                    mark = conn.execute(
+                        "SELECT issued FROM ticket_marks WHERE slice = ?", (sliver.name,)
+                    ).fetchone()
+                    if mark is not None and int(mark[0]) >= issued:
+                        return False
+                for sliver, row in zip(slivers, rows, strict=True):
+                    conn.execute(UPSERT_SLIVER, row)
+                    conn.execute(UPSERT_MARK, (sliver.name, issued))
             if self._sliver_cache is not None:
-                self._sliver_cache[sliver.name] = sliver
+                for sliver in slivers:
+                    self._sliver_cache[sliver.name] = sliver
         return True
 
     # --- status ---

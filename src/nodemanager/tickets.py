@@ -1,6 +1,19 @@
-"""Redeeming tickets on the node (tickets.md): signxml verification, then the pure rules.
+"""Redeeming tickets on the node (tickets.md): signature verification, then the pure rules.
 
-:class:`TicketVerifier` implements the API's ``TicketRedeemer`` port. ``redeem`` runs, in order:
+:class:`TicketVerifier` implements the API's ``TicketRedeemer`` port. It accepts two formats:
+
+* the XML-DSig ``<ticket>`` of the bundled authority, verified against ``authority.ticket_cert``
+  (steps below);
+* PLCAPI's OpenPGP tickets (``GetSliceTicket``: an ASCII-armored ``-----BEGIN PGP MESSAGE-----``
+  signed message carrying an XML-RPC ``{timestamp, initscripts, slivers}``), recognised by their
+  armor line and verified with ``gpgv`` against ``authority.ticket_keyring`` (empty: refused with
+  reason ``format not configured``). Armor, ``gpgv`` and the signed content are
+  :mod:`nodemanager.pgptickets`; the rules are :func:`core.tickets.check_plc_ticket` (timestamp
+  within ``tickets.max_age``, each sliver delegated and naming the caller as controller, replay and
+  stale as below). A ticket granting several slivers is all-or-nothing: all are judged, then all
+  are stored in one transaction with their replay marks. See ``docs/pgp-tickets.md``.
+
+For an XML-DSig ticket ``redeem`` runs, in order:
 
 1. the size cap (256 KiB), before anything parses the ticket;
 2. the hardened parse (``authority.safe_xml``: no DTD, no entities, no network; any DOCTYPE is
@@ -50,7 +63,15 @@ from .clock import Clock
 from .core.authz import Caller
 from .core.errors import ConfigError, DocumentRejected, TicketReason, TicketRejected
 from .core.records import AccountState, parse_node_id
-from .core.tickets import TicketData, check_ticket, ticket_sliver
+from .core.tickets import TicketData, check_plc_ticket, check_ticket, ticket_sliver
+from .pgptickets import (
+    MAX_PGP_TICKET_BYTES,
+    GpgvVerifier,
+    dearmor,
+    is_openpgp_ticket,
+    load_ticket_keyring,
+    plc_ticket,
+)
 from .store import Store
 
 if TYPE_CHECKING:
@@ -223,7 +244,7 @@ class TicketVerifier:
     def __init__(
         self,
         *,
-        certificate: x509.Certificate,
+        certificate: x509.Certificate | None,
         node_id: Callable[[], int],
         store: Store,
         clock: Clock,
@@ -231,6 +252,8 @@ class TicketVerifier:
         create_on_redeem: bool = False,
         operations: SliverOperations | None = None,
         pool: WorkerPool | None = None,
+        pgp: GpgvVerifier | None = None,
+        max_age: int = 86400,
     ) -> None:
         if create_on_redeem and (operations is None or pool is None):
             raise ValueError("create_on_redeem needs the operations and the worker pool")
@@ -242,11 +265,19 @@ class TicketVerifier:
         self.create_on_redeem = create_on_redeem
         self.operations = operations
         self.pool = pool
+        self.pgp = pgp
+        self.max_age = max_age
         self._lock = threading.Lock()
 
     def redeem(self, ticket: str, caller: Caller) -> str:
-        """Verify ``ticket`` for ``caller``, store the delegated sliver it grants, and return its
-        name; ``TicketRejected`` (nothing changed) otherwise. Callable from any thread."""
+        """Verify ``ticket`` for ``caller``, store the delegated sliver(s) it grants, and return
+        the name(s) (comma-separated); ``TicketRejected`` (nothing changed) otherwise. Callable
+        from any thread."""
+        if is_openpgp_ticket(ticket):
+            return self._redeem_openpgp(ticket, caller)
+        if self.certificate is None:
+            raise TicketRejected(TicketReason.NOT_CONFIGURED, "XML-DSig tickets are refused: this node has no "
+                                 "authority.ticket_cert")
         data = verify_ticket(ticket, self.certificate)
         with self._lock, self.store.records_lock:
             name = data.slice_name
@@ -269,6 +300,38 @@ class TicketVerifier:
         if self.create_on_redeem:
             self._create(name)
         return name
+
+    def _redeem_openpgp(self, ticket: str | bytes, caller: Caller) -> str:
+        """``redeem`` for a PLCAPI OpenPGP ticket (module docstring)."""
+        if self.pgp is None:
+            raise TicketRejected(TicketReason.NOT_CONFIGURED, "OpenPGP tickets are refused: this node has no "
+                                 "authority.ticket_keyring")
+        if len(ticket) > MAX_PGP_TICKET_BYTES:
+            raise TicketRejected(TicketReason.TOO_LARGE, f"a ticket may have at most {MAX_PGP_TICKET_BYTES} bytes")
+        signer, content = self.pgp.verify(dearmor(ticket))
+        data = plc_ticket(content, signer)
+        with self._lock, self.store.records_lock:
+            records = check_plc_ticket(
+                data,
+                now=int(self.clock.now()),
+                max_age=self.max_age,
+                max_clock_skew=self.max_clock_skew,
+                caller=caller,
+                last_issued=self.store.ticket_mark,
+                existing=self.store.sliver,
+            )
+            if not self.store.redeem_tickets(records, data.timestamp):
+                names = ", ".join(r.name for r in records)
+                raise TicketRejected(TicketReason.REPLAY, f"a ticket for {names} at least as new was accepted meanwhile")
+        for record in records:
+            logger.info(
+                "sliver=%s event=ticket-accepted format=openpgp signer=%s issued=%d expires=%d controller=%s",
+                record.name, signer, data.timestamp, record.expires, record.controller or "-",
+            )
+        if self.create_on_redeem:
+            for record in records:
+                self._create(record.name)
+        return ",".join(record.name for record in records)
 
     def _create(self, name: str) -> None:
         """Queue the account's creation on the sliver's worker, as ``Create`` does."""
@@ -295,15 +358,26 @@ def ticket_redeemer_from_config(
     pool: WorkerPool,
     clock: Clock,
 ) -> TicketVerifier | None:
-    """The daemon's ticket port, or None (logged) when ``authority.ticket_cert`` does not exist:
-    the API then answers ``Ticket`` with "tickets not configured". A certificate file that exists
-    but cannot be read or parsed is a ``ConfigError``: a typo must not silently disable tickets."""
+    """The daemon's ticket port, or None (logged) when neither ``authority.ticket_cert`` exists
+    nor ``authority.ticket_keyring`` is set: the API then answers ``Ticket`` with "tickets not
+    configured". A certificate file that exists but cannot be read or parsed, or a keyring that is
+    set but unreadable (or no ``gpgv``), is a ``ConfigError``: a typo must not silently disable
+    tickets."""
     path = Path(config.authority.ticket_cert)
+    certificate = None
     if not config.authority.ticket_cert or not path.exists():
-        logger.warning("event=tickets-disabled reason=no-authority-certificate path=%s", path)
+        logger.warning("event=tickets-disabled format=xml-dsig reason=no-authority-certificate path=%s", path)
+    else:
+        certificate = load_ticket_certificate(path)
+    pgp = None
+    if config.authority.ticket_keyring:
+        pgp = GpgvVerifier(load_ticket_keyring(Path(config.authority.ticket_keyring)))
+    if certificate is None and pgp is None:
         return None
     return TicketVerifier(
-        certificate=load_ticket_certificate(path),
+        certificate=certificate,
+        pgp=pgp,
+        max_age=config.tickets.max_age,
         node_id=NodeIdFile(Path(config.authority.node_id_file)),
         store=store,
         clock=clock,

@@ -20,7 +20,7 @@ from nodemanager.config import parse_config
 from nodemanager.core.errors import AccountConflict, BackendError, InvalidName
 from nodemanager.core.records import NM_CONTROLLER, PLC_INSTANTIATED, Sliver
 from nodemanager.host import PasswdEntry
-from nodemanager.testing.fakehost import FakeFile, FakeHost
+from nodemanager.testing.fakehost import FakeFile, FakeHost, ShellAwareFakeHost
 
 HOME_ROOT = Path("/srv/homes")
 KEYS_DIR = Path("/etc/nm-keys")
@@ -368,18 +368,6 @@ def test_events_are_logged_with_the_sliver_field(backend: AccountBackend, caplog
 SHELLS = Path("/etc/shells-test")
 WRAPPER = Path("/run/nm-test/delegate-shell")
 FORWARD = ["/opt/nm venv/bin/forward_api_calls"]
-
-
-class ShellAwareFakeHost(FakeHost):
-    """FakeHost whose ``usermod --shell`` changes the passwd entry (FakeHost only models the
-    password and expiry options of usermod)."""
-
-    def _effect(self, args: list[str]) -> tuple[int, str]:
-        if args[0] == "usermod" and "--shell" in args and args[-1] in self.users:
-            entry = self.users[args[-1]]
-            self.users[args[-1]] = PasswdEntry(entry.name, entry.uid, entry.gid, entry.gecos, entry.home,
-                                               args[args.index("--shell") + 1])
-        return super()._effect(args)
 
 
 @pytest.fixture

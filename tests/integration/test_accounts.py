@@ -99,7 +99,9 @@ def test_create_makes_account_group_and_private_home(backend: AccountBackend, sl
     assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
     assert info.st_uid == uid
     assert subprocess.run(["id", "-u", account], capture_output=True, text=True).stdout.strip() == str(uid)
-    assert subprocess.run(["getent", "group", account], capture_output=True).returncode == 0
+    group = subprocess.run(["getent", "group", account], capture_output=True, text=True).stdout.strip().split(":")
+    # the group gets the uid's number (README): useradd alone would pick one below login.defs' GID_MAX
+    assert group[2] == str(uid) and info.st_gid == uid
     assert _shadow(account)[1] == "*"
     passwd = subprocess.run(["getent", "passwd", account], capture_output=True, text=True).stdout.strip().split(":")
     assert passwd[4] == MANAGED_GECOS and passwd[5] == str(home) and passwd[6] == "/bin/sh"

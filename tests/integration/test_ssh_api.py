@@ -34,24 +34,17 @@ from nodemanager.api.client import SshTransportError, XmlRpcOverSsh, local_proxy
 from nodemanager.api.methods import NodeManagerApi, caller_resolver
 from nodemanager.api.server import ApiServer
 from nodemanager.backends.account import AccountBackend
-from nodemanager.backends.delegate import (
-    default_forward_command,
-    unprivileged_access_problems,
-)
 from nodemanager.core.records import NM_CONTROLLER, PLC_INSTANTIATED, Sliver
 from nodemanager.host import Host
 from nodemanager.operations import SliverOperations
 from nodemanager.store import Store
 from nodemanager.testing.accounts import private_keys_dir, purge_account, removed_group, uid_base_for_tests
 from nodemanager.testing.clock import ManualClock
-from nodemanager.testing.sshd import PrivateSshd, make_client_key, sshd_available
+from nodemanager.testing.sshd import PrivateSshd, make_client_key
+from nodemanager.testing.story import forward_command, real_sshd_marks
 from nodemanager.workers import WorkerPool
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real accounts and sshd"),
-    pytest.mark.skipif(sshd_available() is not None, reason=f"no private sshd: {sshd_available()}"),
-]
+pytestmark = real_sshd_marks()
 
 PREFIX = "nmd"
 _serial = itertools.count()
@@ -63,20 +56,6 @@ def sliver(name: str, instantiation: str, keys: tuple[str, ...] = ()) -> Sliver:
 
 
 purge = purge_account
-
-
-def forward_command(home_root: Path) -> list[str]:
-    """The installed forward_api_calls when delegate accounts can run it, else its source file
-    run by /usr/bin/python3 (it imports nothing but the standard library)."""
-    installed = default_forward_command()
-    if not unprivileged_access_problems(installed):
-        return installed
-    bin_dir = home_root / "bin"
-    bin_dir.mkdir(mode=0o755)
-    copy = bin_dir / "forward_api_calls.py"
-    shutil.copyfile(forward.__file__, copy)
-    copy.chmod(0o644)
-    return ["/usr/bin/python3", str(copy)]
 
 
 @dataclass

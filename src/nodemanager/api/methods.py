@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -71,16 +71,21 @@ class TicketRedeemer(Protocol):
 
 
 def caller_resolver(
-    store: Store, getpwuid: Callable[[int], object | None]
+    store: Store, getpwuid: Callable[[int], object | None], observers: Iterable[str] = ()
 ) -> Callable[[PeerIdentity], Caller]:
     """Build the function that turns a kernel-established peer into a :class:`Caller`.
 
     uid 0 is root; ``sliver`` is the name whose account state is owned with that uid;
     ``is_controller`` comes from that sliver's record; ``local_account`` is whether ``getpwuid``
-    (the password database lookup, None for an unknown uid) knows the uid. The uid -> sliver map is
-    cached and each hit re-checked against the store (one lookup), so a call costs no scan of all
-    accounts unless the uid is not a sliver's. Thread-safe.
+    (the password database lookup, None for an unknown uid) knows the uid. ``is_observer``: the
+    sliver's record is an observer's (``Sliver.is_observer``: ``nm_observer = 1`` from the
+    authority), or the entry's account ``name`` is one of ``observers`` (``api.observers``). The
+    uid -> sliver map is cached and each hit re-checked against the store (one lookup), so a call
+    costs no scan of all accounts unless the uid is not a sliver's; the record and the password
+    entry are read afresh on every call, so a changed tag or a renamed account counts at once.
+    Thread-safe.
     """
+    observer_names = frozenset(observers)
     lock = threading.Lock()
     by_uid: dict[int, str] = {}
 
@@ -107,12 +112,15 @@ def caller_resolver(
             return Caller(uid=0, is_root=True, local_account=True, sliver=None, is_controller=False)
         sliver = sliver_of(uid)
         record = store.sliver(sliver) if sliver is not None else None
+        entry = getpwuid(uid)
+        named = entry is not None and bool(observer_names) and getattr(entry, "name", None) in observer_names
         return Caller(
             uid=uid,
             is_root=False,
-            local_account=getpwuid(uid) is not None,
+            local_account=entry is not None,
             sliver=sliver,
             is_controller=record is not None and record.instantiation == NM_CONTROLLER,
+            is_observer=named or (record is not None and record.is_observer),
         )
 
     return resolve

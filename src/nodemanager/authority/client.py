@@ -197,10 +197,7 @@ class AuthorityClient:
                 raise _TransientError(f"{url}: HTTP {response.status} {response.reason}")
             if response.status != 200:
                 raise AuthorityUnavailable(f"{url}: HTTP {response.status} {response.reason}")
-            length = response.getheader("Content-Length")
-            if length and length.strip().isascii() and length.strip().isdigit() and int(length) > self.max_bytes:
-                raise DocumentRejected(f"{url}: the answer is {int(length)} bytes, over the {self.max_bytes}-byte cap")
-            return self._read_capped(response, sock, deadline, url)
+            return read_capped_body(response, sock, deadline, self.max_bytes, f"{url}: the answer")
         except ssl.SSLCertVerificationError as exc:
             raise AuthorityUnavailable(f"{url}: TLS certificate verification failed: {exc.verify_message}") from exc
         except TimeoutError as exc:
@@ -212,22 +209,31 @@ class AuthorityClient:
                 response.close()
             connection.close()
 
-    def _read_capped(self, response: http.client.HTTPResponse, sock: Any, deadline: float, url: str) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _TransientError(f"{url}: no complete answer within {self.timeout:g} s")
-            if sock.fileno() >= 0:  # http.client closes the socket once the body is complete
-                sock.settimeout(remaining)
-            chunk = response.read1(_CHUNK)
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > self.max_bytes:
-                raise DocumentRejected(f"{url}: the answer is over the {self.max_bytes}-byte cap")
-            chunks.append(chunk)
+
+def read_capped_body(response: http.client.HTTPResponse, sock: Any, deadline: float, max_bytes: int,
+                     what: str) -> bytes:
+    """The body of ``response``, at most ``max_bytes`` (an announced or a streamed excess is
+    ``DocumentRejected`` naming ``what``), read in chunks with the socket's timeout set to what is
+    left before ``deadline`` (``time.monotonic``): a server that trickles bytes cannot hold the
+    caller beyond it (``TimeoutError``). Shared by the authority client and the conf-files fetch."""
+    length = (response.getheader("Content-Length") or "").strip()
+    if length.isascii() and length.isdigit() and int(length) > max_bytes:
+        raise DocumentRejected(f"{what} is {int(length)} bytes, over the {max_bytes}-byte cap")
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        if sock.fileno() >= 0:  # http.client closes the socket once the body is complete
+            sock.settimeout(remaining)
+        chunk = response.read1(_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > max_bytes:
+            raise DocumentRejected(f"{what} is over the {max_bytes}-byte cap")
+        chunks.append(chunk)
 
 
 def _read_secret(path: str, key: str) -> str:

@@ -11,6 +11,12 @@ delivering its tickets to nodes. Node (HMAC) authentication gets no tickets.
 Faults: bad or missing auth and no right to the slice -> 108; unknown slice -> 102; a slice that
 cannot have a ticket (not delegated, no controller, expired, on no node) -> 104.
 
+``TicketIssuer.issue(..., format="pgp")`` (``nodemanager authority ticket SLICE --format pgp``)
+makes PLCAPI's OpenPGP ticket instead: ``xmlrpc.client.dumps(({timestamp, initscripts, slivers},),
+methodresponse=True)`` without its XML declaration, signed by ``gpg --armor --sign`` with the
+authority's GnuPG key (:mod:`.pgpsigning`). It names no node and no expiry: nodes bound its age
+with ``tickets.max_age``.
+
 A ticket is stamped ``issued = max(now, data timestamp, last issued for that slice + 1)``: never
 older than the data it is derived from (a node holding that data would reject it as stale), and
 strictly increasing per slice while the server runs (a node rejects a second ticket with the same
@@ -24,6 +30,7 @@ import hmac
 import logging
 import threading
 import uuid
+import xmlrpc.client
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +52,7 @@ from .model import (
     UserEntry,
     sliver_attributes,
 )
+from .pgpsigning import GpgSigner, PgpIdentity, pgp_signer_for
 from .signing import SigningIdentity, identity_for, sign_document
 
 log = logging.getLogger(__name__)
@@ -94,6 +102,30 @@ def ticket_element(
     return root
 
 
+#: The ticket formats ``TicketIssuer.issue`` makes.
+FORMAT_XML = "xml"
+FORMAT_PGP = "pgp"
+FORMATS = (FORMAT_XML, FORMAT_PGP)
+
+
+def plc_ticket_content(entry: SliceEntry, *, timestamp: int) -> bytes:
+    """The content PLCAPI's ``GetSliceTicket`` signs: an XML-RPC ``methodResponse`` (no XML
+    declaration) of ``{timestamp, initscripts, slivers: [one GetSlivers-shaped sliver]}``; the
+    controller travels as PLC's ``delegations`` tag."""
+    attributes = [("delegations" if tag == "controller" else tag, value) for tag, value in sliver_attributes(entry)]
+    sliver = {
+        "name": entry.name,
+        "slice_id": entry.slice_id,
+        "instantiation": entry.instantiation,
+        "expires": entry.expires,
+        "keys": [{"key_type": "ssh", "key": key} for key in entry.keys],
+        "attributes": [{"tagname": tag, "value": value} for tag, value in attributes],
+    }
+    text = xmlrpc.client.dumps(({"timestamp": timestamp, "initscripts": [], "slivers": [sliver]},),
+                               methodresponse=True)
+    return text.removeprefix("<?xml version='1.0'?>\n").encode("utf-8")
+
+
 class TicketIssuer:
     """Signs tickets for the authority whose data file is ``data_path``. The signing identity is
     loaded (generated the first time) on first use. Thread-safe."""
@@ -102,6 +134,7 @@ class TicketIssuer:
         self.data_path = Path(data_path)
         self._lock = threading.Lock()
         self._identity: SigningIdentity | None = None
+        self._pgp: tuple[GpgSigner, PgpIdentity] | None = None
         self._last_issued: dict[str, int] = {}
 
     def identity(self, data: AuthorityData) -> SigningIdentity:
@@ -109,6 +142,14 @@ class TicketIssuer:
             if self._identity is None:
                 self._identity = identity_for(self.data_path, data.tickets)
             return self._identity
+
+    def pgp_identity(self, data: AuthorityData) -> tuple[GpgSigner, PgpIdentity]:
+        """The authority's ``gpg`` signer and OpenPGP identity (key generated on first use)."""
+        with self._lock:
+            if self._pgp is None:
+                signer = pgp_signer_for(self.data_path, data.tickets)
+                self._pgp = (signer, signer.load_or_create())
+            return self._pgp
 
     def issue(
         self,
@@ -118,10 +159,18 @@ class TicketIssuer:
         now: int,
         ttl: int | None = None,
         nodes: Sequence[int] | None = None,
+        format: str = FORMAT_XML,  # noqa: A002 (the CLI option's name)
     ) -> bytes:
         """The signed ticket for ``slice_name`` valid ``ttl`` seconds (default: the data file's
         ``ticket_lifetime``) on ``nodes`` (default: every node of the slice; each given node
-        must be one of them). Raises ``InvalidArgument``/``NotAllowedForSliver``."""
+        must be one of them). Raises ``InvalidArgument``/``NotAllowedForSliver``.
+
+        ``format="pgp"``: PLCAPI's OpenPGP ticket (module docstring), which carries neither nodes
+        nor an expiry (``ttl`` and ``nodes`` are then refused)."""
+        if format not in FORMATS:
+            raise InvalidArgument(f"unknown ticket format {format!r}; one of {', '.join(FORMATS)}")
+        if format == FORMAT_PGP and (ttl is not None or nodes):
+            raise InvalidArgument("an OpenPGP (PLCAPI) ticket names no nodes and no expiry: drop --node/--ttl")
         entry = data.slice(slice_name)
         if entry is None:
             raise InvalidArgument(f"no slice named {slice_name[:64]!r}")
@@ -139,13 +188,20 @@ class TicketIssuer:
             on = set(nodes)
         if not on:
             raise NotAllowedForSliver(f"slice {entry.name} is on no node")
+        if format == FORMAT_PGP:
+            signer, pgp = self.pgp_identity(data)
+            return signer.sign(pgp, plc_ticket_content(entry, timestamp=self._stamp(entry.name, now, data)))
         identity = self.identity(data)
-        with self._lock:
-            issued = max(now, data.timestamp, self._last_issued.get(entry.name, 0) + 1)
-            self._last_issued[entry.name] = issued
+        issued = self._stamp(entry.name, now, data)
         expires = min(issued + (ttl if ttl is not None else data.tickets.lifetime), XMLRPC_INT_MAX)
         element = ticket_element(entry, ticket_id=str(uuid.uuid4()), issued=issued, expires=expires, node_ids=on)
         return sign_document(element, identity)
+
+    def _stamp(self, name: str, now: int, data: AuthorityData) -> int:
+        with self._lock:
+            issued = max(now, data.timestamp, self._last_issued.get(name, 0) + 1)
+            self._last_issued[name] = issued
+        return issued
 
 
 class TicketContext(Protocol):

@@ -55,6 +55,7 @@ from lxml import etree
 
 from ..core.errors import ConfigError, InvalidName
 from ..core.records import DELEGATED, INSTANTIATIONS, NM_CONTROLLER, PLC_INSTANTIATED, validate_name
+from .conffiledata import DEFAULT_DIR, ConfFileEntry, ConfFileSpec, conf_files_for, parse_conf_files
 from .parse import is_openssh_public_key, is_tag_name
 
 XMLRPC_INT_MAX = 2**31 - 1
@@ -79,6 +80,7 @@ class _AuthoritySettings(_Struct):
     key_file: str = ""
     cert_file: str = ""
     ticket_lifetime: int | str = "1d"
+    conf_files_dir: str = DEFAULT_DIR
 
 
 class _NodeSpec(_Struct):
@@ -115,6 +117,7 @@ class _AuthorityFile(_Struct):
     nodes: list[_NodeSpec] = msgspec.field(default_factory=list)
     slices: list[_SliceSpec] = msgspec.field(default_factory=list)
     users: list[_UserSpec] = msgspec.field(default_factory=list)
+    conf_files: list[ConfFileSpec] = msgspec.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,9 @@ class AuthorityData:
     slices: tuple[SliceEntry, ...]
     users: Mapping[str, UserEntry] = field(default_factory=dict)
     tickets: TicketSettings = TicketSettings()
+    #: ``[[conf_files]]`` (:mod:`.conffiledata`) and the directory serving their content.
+    conf_files: tuple[ConfFileEntry, ...] = ()
+    conf_files_dir: str = DEFAULT_DIR
 
     def slice(self, name: str) -> SliceEntry | None:
         return next((entry for entry in self.slices if entry.name == name), None)
@@ -352,7 +358,9 @@ def parse_authority_data(raw: Mapping[str, Any], *, timestamp: int, base_time: i
         if unknown:
             raise _fail(origin, f"{where}.slices", f"unknown slice(s) {unknown}")
         users[user.name] = UserEntry(user.name, user.password_sha256, frozenset(user.slices))
-    return AuthorityData(timestamp=timestamp, nodes=nodes, slices=tuple(slices), users=users, tickets=settings)
+    conf_files = parse_conf_files(spec.conf_files, nodes, origin)
+    return AuthorityData(timestamp=timestamp, nodes=nodes, slices=tuple(slices), users=users, tickets=settings,
+                         conf_files=conf_files, conf_files_dir=spec.authority.conf_files_dir)
 
 
 def load_authority_text(text: str, *, timestamp: int, base_time: int, origin: str) -> AuthorityData:
@@ -401,6 +409,8 @@ def getslivers_struct(data: AuthorityData, node_id: int) -> dict[str, Any]:
     }
     if node.bwcap_kbps is not None:
         document["bwcap"] = node.bwcap_kbps
+    if data.conf_files:
+        document["conf_files"] = conf_files_for(data.conf_files, node_id)
     return document
 
 

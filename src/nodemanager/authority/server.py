@@ -11,6 +11,8 @@ It serves, from a TOML data file (format in :mod:`.model` and ``examples/demo-sl
   :meth:`AuthorityServer.register_method` without touching the transport.
 * ``GET /slices.xml?node_id=N`` and ``GET /nodes/N/slices.xml`` -- the node's slices.xml. Like the
   original's slices.xml it is not authenticated: it holds public keys and resource settings only.
+* ``GET /conf_files/<source>`` -- the content of a ``[[conf_files]]`` entry (:mod:`.conffiledata`),
+  public too: GetSlivers names them, nodes fetch them with ``conf_files.base_url`` = this root.
 
 Documents are computed from the data on every request; the file is re-read when its stat
 signature changes, so an edit is visible at every node's next poll. With ``timestamp = "mtime"``
@@ -47,6 +49,8 @@ from ..core.errors import (
     WrongArgumentCount,
 )
 from .auth import verify_hmac_auth
+from .conffiledata import URL_PREFIX as CONF_FILES_PREFIX
+from .conffiledata import read_served_file
 from .issue import TicketIssuer, get_slice_ticket
 from .model import AuthorityData, getslivers_struct, load_authority_text, slices_xml
 from .parse import MIB, loads_xmlrpc_call
@@ -180,6 +184,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (stdlib name)
         parts = urlsplit(self.path)
         raw_id: str | None = None
+        if parts.path.startswith(CONF_FILES_PREFIX):  # configuration files (conffiledata), public
+            authority = self.server.authority
+            content = read_served_file(authority.config_path.parent / authority.data().conf_files_dir, parts.path)
+            if content is None:
+                self._send_text(404, "no such configuration file")
+            else:
+                self._send(200, "application/octet-stream", content)
+            return
         if parts.path == "/slices.xml":
             raw_id = (parse_qs(parts.query).get("node_id") or [None])[0]
         else:

@@ -1,5 +1,9 @@
-"""``nodemanager authority ticket SLICE --data FILE [--node N ...] [--ttl DURATION] [--output FILE]``
-and ``authority serve --export-cert PATH``.
+"""``nodemanager authority ticket SLICE --data FILE [--node N ...] [--ttl DURATION] [--output FILE]
+[--format xml|pgp]`` and ``authority serve --export-cert PATH``.
+
+``--format pgp`` prints PLCAPI's OpenPGP ticket instead (signed by ``gpg`` with the authority's
+GnuPG key, generated on first use, see :mod:`.pgpsigning`) and says on standard error where the
+public keyring for nodes' ``authority.ticket_keyring`` is.
 
 The ticket command signs a ticket for a delegated slice of the data file with the authority's key
 (generated on first use, see :mod:`.signing`) and prints the ticket XML, or writes it to
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..core.errors import ConfigError
-from .issue import TicketIssuer
+from .issue import FORMAT_PGP, FORMAT_XML, FORMATS, TicketIssuer
 from .model import load_authority_text, parse_duration
 from .signing import export_certificate, publish_file
 
@@ -44,6 +48,8 @@ def add_ticket_parser(
                         help="validity, e.g. 3600, 12h, 1d (default: the data file's ticket_lifetime)")
     parser.add_argument("--output", type=Path, default=None, metavar="FILE",
                         help="write the ticket here (mode 0600) instead of standard output")
+    parser.add_argument("--format", choices=FORMATS, default=FORMAT_XML,
+                        help="xml: the XML-DSig ticket (default); pgp: PLCAPI's OpenPGP signed message")
     parser.set_defaults(handler=cmd_authority_ticket)
     return parser
 
@@ -72,7 +78,13 @@ def cmd_authority_ticket(args: argparse.Namespace, *, stdout: TextIO | None = No
             ttl = parse_duration(args.ttl)
         except ValueError as exc:
             raise ConfigError(f"--ttl: {exc}") from exc
-    ticket = TicketIssuer(data_path).issue(data, args.slice, now=int(time.time()), ttl=ttl, nodes=args.nodes)
+    issuer = TicketIssuer(data_path)
+    fmt = getattr(args, "format", FORMAT_XML)
+    ticket = issuer.issue(data, args.slice, now=int(time.time()), ttl=ttl, nodes=args.nodes, format=fmt)
+    if fmt == FORMAT_PGP:
+        _, identity = issuer.pgp_identity(data)
+        print(f"OpenPGP public key for nodes' authority.ticket_keyring: {identity.public_path} "
+              f"(fingerprint {identity.fingerprint})", file=sys.stderr)
     if args.output is not None:
         try:
             publish_file(Path(args.output), ticket, 0o600, exclusive=False)

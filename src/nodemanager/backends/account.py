@@ -207,14 +207,17 @@ class AccountBackend:
                     "--no-log-init",
                     "--home-dir", str(home), "--comment", MANAGED_GECOS, "--shell", shell,
                     "--password", OPEN_PASSWORD, "--key", "SUB_UID_COUNT=0", "--key", "SUB_GID_COUNT=0",
+                    # the user group gets the uid's number: useradd picks it from [GID_MIN, GID_MAX],
+                    # which login.defs caps far below uid_base + slice_id
+                    "--key", f"GID_MIN={uid}", "--key", f"GID_MAX={uid}",
                     account,
                 ])
                 entry = self.host.getpwnam(account)
                 if entry is None:
                     raise BackendError(f"useradd succeeded but account {account!r} does not exist")
                 self._refuse_root(name, entry)
-                if entry.uid != uid:
-                    raise BackendError(f"useradd gave account {account!r} uid {entry.uid}, not {uid}")
+                if entry.uid != uid or entry.gid != uid:
+                    raise BackendError(f"useradd gave account {account!r} uid {entry.uid} gid {entry.gid}, not {uid}")
                 if self.hooks is not None:
                     self.hooks.account_created(sliver, uid)
                 self.db.ensure_memberships(name, account)

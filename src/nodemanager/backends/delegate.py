@@ -1,6 +1,7 @@
 """The delegate shell: what makes ``ssh CONTROLLER@node`` speak XML-RPC (api.md "Transports").
 
-An ``nm-controller`` sliver's account gets as login shell a small generated ``/bin/sh`` wrapper,
+An ``nm-controller`` sliver's account -- and an observer's (``nm_observer = 1`` from the
+authority, docs/observer.md) -- gets as login shell a small generated ``/bin/sh`` wrapper,
 root-owned and mode 0755, that ``exec``s ``forward_api_calls --socket SOCKET "$@"``. A login shell
 gets no arguments and no environment the node controls, so the wrapper is how the shell learns the
 socket the daemon actually serves (a non-default ``api.unix_socket`` included). ``"$@"`` passes
@@ -225,8 +226,10 @@ class DelegateShell:
 class DelegateAccounts:
     """Which sliver accounts are delegate accounts, and their login shells.
 
-    With a delegate shell configured, ``nm-controller`` slivers get it as login shell; without
-    one they are ordinary accounts, and a warning says so once."""
+    With a delegate shell configured, ``nm-controller`` and observer slivers get it as login
+    shell (an observer logs in for API access only, as a controller does); without one they are
+    ordinary accounts, and a warning says so once. A sliver that stops being either (its record
+    changed: a new fingerprint, hence ``configure``) gets the ordinary shell back."""
 
     def __init__(self, delegate: DelegateShell | None, ordinary_shell: str) -> None:
         self.delegate = delegate
@@ -234,14 +237,16 @@ class DelegateAccounts:
         self._warned = False
 
     def is_delegate(self, sliver: Sliver) -> bool:
-        """True when ``sliver``'s account is a delegate account (controller + a delegate shell)."""
-        if sliver.instantiation != NM_CONTROLLER:
+        """True when ``sliver``'s account is a delegate account (a controller or an observer,
+        and a delegate shell)."""
+        if sliver.instantiation != NM_CONTROLLER and not sliver.is_observer:
             return False
         if self.delegate is None:
             if not self._warned:
                 self._warned = True
                 logger.warning("sliver=%s event=no-delegate-shell reason=%r", sliver.name,
-                               "api.unix_socket is disabled: nm-controller slivers get ordinary accounts")
+                               "api.unix_socket is disabled: nm-controller and observer slivers get "
+                               "ordinary accounts")
             return False
         return True
 

@@ -11,7 +11,11 @@ password database, and only then asks this module. The roles are those of api.md
 * ``LOCAL_ACCOUNT``: root or any caller with an entry in the password database;
 * ``CONTROLLER_ACCOUNT``: root or a caller whose account is an ``nm-controller`` sliver;
 * ``SLIVER``: root, the target sliver itself ("self"), or its controller: the caller's account is
-  an ``nm-controller`` sliver and the target is a ``delegated`` sliver whose record names it.
+  an ``nm-controller`` sliver and the target is a ``delegated`` sliver whose record names it;
+* ``SLIVER_READ``: as ``SLIVER``, or an **observer** (the seed's ``del_snoop``, "allowed to spy
+  on everyone's RSpec"): a caller whose sliver record carries ``nm_observer = 1`` from the
+  authority, or a local account named in ``api.observers``. Observers may also call the
+  ``LOCAL_ACCOUNT`` methods; every other method stays denied to them (they change state).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class Caller:
     sliver: str | None
     #: That sliver's instantiation is ``nm-controller``.
     is_controller: bool
+    #: Read-only access to every sliver: the caller's sliver record is an observer's
+    #: (``Sliver.is_observer``), or its account is named in ``api.observers``.
+    is_observer: bool = False
 
     def describe(self) -> str:
         """A short, secret-free description for denial messages and logs."""
@@ -48,7 +55,11 @@ class Caller:
             return "root"
         if self.sliver is not None:
             kind = "controller sliver" if self.is_controller else "sliver"
+            if self.is_observer:
+                kind = f"observer {kind}"
             return f"uid {self.uid} ({kind} {self.sliver})"
+        if self.is_observer:
+            return f"uid {self.uid} (an observer local account)"
         if self.local_account:
             return f"uid {self.uid} (a local account that is no sliver)"
         return f"uid {self.uid} (no local account)"
@@ -73,6 +84,7 @@ class Role(str, Enum):
     LOCAL_ACCOUNT = "root, or any local account"
     CONTROLLER_ACCOUNT = "root, or an nm-controller sliver's account"
     SLIVER = "the sliver itself, root, or the sliver's controller"
+    SLIVER_READ = "the sliver itself, root, the sliver's controller, or an observer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +102,11 @@ class MethodSpec:
         """The first argument is a sliver name (checked, and looked up, before authorization)."""
         return self.args[:1] == ("sliver",)
 
+    @property
+    def observable(self) -> bool:
+        """An observer may call it (it changes nothing)."""
+        return self.role in (Role.LOCAL_ACCOUNT, Role.SLIVER_READ)
+
 
 #: The API's public surface, in Help() order. Declared once; ``api.methods`` dispatches from it
 #: and a test pins it against api.md.
@@ -104,12 +121,16 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("Destroy", ("sliver",), Role.SLIVER, delegated_only=True),
         MethodSpec("Start", ("sliver",), Role.SLIVER),
         MethodSpec("Stop", ("sliver",), Role.SLIVER),
-        MethodSpec("GetRSpec", ("sliver",), Role.SLIVER),
-        MethodSpec("GetEffectiveRSpec", ("sliver",), Role.SLIVER),
-        MethodSpec("GetLoans", ("sliver",), Role.SLIVER),
+        MethodSpec("GetRSpec", ("sliver",), Role.SLIVER_READ),
+        MethodSpec("GetEffectiveRSpec", ("sliver",), Role.SLIVER_READ),
+        MethodSpec("GetLoans", ("sliver",), Role.SLIVER_READ),
         MethodSpec("SetLoans", ("sliver", "loans"), Role.SLIVER),
     )
 }
+
+
+#: What an observer may call, for every sliver (api.md "Observer"): the methods that change nothing.
+OBSERVER_METHODS: tuple[str, ...] = tuple(name for name, spec in METHODS.items() if spec.observable)
 
 
 def is_controller_of(caller: Caller, target: Sliver) -> bool:
@@ -144,6 +165,8 @@ def decide(caller: Caller, method: str, target: Sliver | None) -> Decision:
     if role is Role.LOCAL_ACCOUNT:
         if caller.local_account:
             return Decision(True, "a local account")
+        if caller.is_observer:
+            return Decision(True, "observer")
     elif role is Role.CONTROLLER_ACCOUNT:
         if caller.is_controller and caller.sliver is not None:
             return Decision(True, f"nm-controller sliver {caller.sliver}")
@@ -153,4 +176,9 @@ def decide(caller: Caller, method: str, target: Sliver | None) -> Decision:
         return Decision(True, "self")
     elif is_controller_of(caller, target):
         return Decision(True, f"controller of {target.name}")
-    return Decision(False, f"{what} is allowed to {role.value}; the caller is {caller.describe()}")
+    elif role is Role.SLIVER_READ and caller.is_observer:
+        return Decision(True, "observer")
+    reason = f"{what} is allowed to {role.value}; the caller is {caller.describe()}"
+    if caller.is_observer and not spec.observable:
+        reason += f"; observers may call only {', '.join(OBSERVER_METHODS)}"
+    return Decision(False, reason)

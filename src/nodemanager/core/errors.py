@@ -65,11 +65,16 @@ class TicketReason(str, Enum):
 
     TOO_LARGE = "too large"
     MALFORMED = "malformed"
+    #: The ticket's format is refused by this node's configuration (e.g. OpenPGP tickets with no
+    #: ``authority.ticket_keyring``).
+    NOT_CONFIGURED = "format not configured"
     SIGNATURE = "bad signature"
     INVALID_NAME = "invalid slice name"
     INVALID_CONTROLLER = "invalid controller name"
     NOT_YET_VALID = "not yet valid"
     EXPIRED = "expired"
+    #: An OpenPGP (PLCAPI) ticket older than ``tickets.max_age``.
+    TOO_OLD = "too old"
     WRONG_INSTANTIATION = "wrong instantiation"
     WRONG_NODE = "wrong node"
     NODE_UNKNOWN = "node id unknown"

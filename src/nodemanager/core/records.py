@@ -36,6 +36,9 @@ AUTO_INSTANTIATED = frozenset({PLC_INSTANTIATED, NM_CONTROLLER})
 SOURCE_AUTHORITY = "authority"
 SOURCE_TICKET = "ticket"
 
+#: The slice tag that makes a sliver an observer (api.md "Observer", docs/observer.md).
+OBSERVER_TAG = "nm_observer"
+
 
 def validate_name(name: object) -> str:
     """Return ``name`` if it is a safe slice name, else raise :class:`InvalidName` saying why."""
@@ -93,6 +96,20 @@ class Sliver:
     def auto_instantiated(self) -> bool:
         return self.instantiation in AUTO_INSTANTIATED
 
+    @property
+    def is_observer(self) -> bool:
+        """The record makes its sliver an observer: read-only API access to every sliver and a
+        delegate account (docs/observer.md). The last ``nm_observer`` tag counts (as for resource
+        tags) and must be ``1``; only the authority's records confer the role -- a ticket is
+        delivered by a controller, and its attributes grant resources, not rights over others."""
+        if self.source != SOURCE_AUTHORITY:
+            return False
+        value = None
+        for tag, tag_value in self.attributes:
+            if tag == OBSERVER_TAG:
+                value = tag_value
+        return value is not None and value.strip() == "1"
+
     def content_equal(self, other: Sliver) -> bool:
         """Same content ignoring ``timestamp``: an unchanged sliver needs no write and no work."""
         return (
@@ -122,6 +139,8 @@ class Sliver:
             digest.update(b"a\0" + tag.encode() + b"\0" + value.encode() + b"\0")
         digest.update(b"i\0" + self.initscript.encode())
         digest.update(b"c\0" + self.controller.encode() + b"\0" + self.instantiation.encode())
+        if self.is_observer:  # depends on the source too: a ticket's record taken over by the authority
+            digest.update(b"o\0")
         fingerprint = digest.hexdigest()[:32]
         object.__setattr__(self, "_fingerprint", fingerprint)
         return fingerprint

@@ -10,11 +10,17 @@ signed subtree only, reads ``now`` and the store, and asks :func:`check_ticket`.
 Every rejection is a ``TicketRejected`` whose message starts with a short reason word (``expired``,
 ``not yet valid``, ``wrong node``, ``replay``, ``stale``, ``wrong instantiation``, ``invalid slice
 name``, ``wrong caller``), so the controller reading Fault 102 knows what to fix.
+
+PLCAPI's OpenPGP tickets (:class:`PlcTicket`, judged by :func:`check_plc_ticket`) name no node, no
+expiry of their own and no controller element: their age is bounded by ``tickets.max_age``, each
+sliver must name the caller as its controller (its ``delegations``/``controller`` tag, else the
+record the node holds), and a ticket granting several slivers is all-or-nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from .authz import Caller
 from .errors import InvalidName, TicketReason, TicketRejected
@@ -120,3 +126,125 @@ def ticket_sliver(ticket: TicketData) -> Sliver:
         initscript=ticket.initscript,
         controller=ticket.controller,
     )
+
+
+#: The slice tags that name a delegated slice's controller(s) (PLC's ``delegations`` is a
+#: comma-separated list of slice names; ``controller`` is accepted as the same).
+CONTROLLER_TAGS = ("delegations", "controller")
+
+
+@dataclass(frozen=True, slots=True)
+class PlcTicket:
+    """What a PLCAPI OpenPGP ticket's signed content says, syntactically checked.
+
+    ``slivers`` are the GetSlivers-validated entries (their ``timestamp`` is the ticket's, their
+    ``controller`` as the authority parser read it); ``signer`` is the signing key's fingerprint.
+    """
+
+    timestamp: int
+    slivers: tuple[Sliver, ...]
+    signer: str = ""
+
+
+def named_controllers(sliver: Sliver) -> tuple[str, ...]:
+    """Every controller name the sliver's ``delegations``/``controller`` tags give, in order,
+    without repeats (not yet validated as names)."""
+    names: list[str] = []
+    for tag, value in sliver.attributes:
+        if tag in CONTROLLER_TAGS:
+            for part in value.split(","):
+                part = part.strip()
+                if part and part not in names:
+                    names.append(part)
+    return tuple(names)
+
+
+def check_plc_ticket(
+    ticket: PlcTicket,
+    *,
+    now: int,
+    max_age: int,
+    max_clock_skew: int,
+    caller: Caller,
+    last_issued: Callable[[str], int | None],
+    existing: Callable[[str], Sliver | None],
+) -> tuple[Sliver, ...]:
+    """The ticket-sourced records an OpenPGP ticket grants ``caller``, or ``TicketRejected``.
+
+    ``last_issued(name)`` is a slice's replay mark, ``existing(name)`` the node's record of it.
+    All-or-nothing: every sliver is judged first and one failing sliver rejects the whole ticket.
+    Rules, in this order:
+
+    * the ticket grants at least one sliver and names each at most once;
+    * ``timestamp <= now + max_clock_skew`` and ``now - timestamp <= max_age``;
+    * per sliver: a valid name, not expired (``now < expires``), ``delegated``;
+    * per sliver, the controller: the names of its ``delegations``/``controller`` tags when it has
+      any (each a valid name), else the ``controller`` of the record the node holds; the caller
+      must be root or an nm-controller sliver so named. The record keeps the caller as its
+      controller (root: the first named, or the held record's);
+    * per sliver, replay (``timestamp`` newer than the slice's mark) and staleness (no authority
+      record newer than ``timestamp``).
+    """
+    stamp = ticket.timestamp
+    if not ticket.slivers:
+        raise TicketRejected(TicketReason.MALFORMED, "the ticket grants no sliver")
+    names = [s.name for s in ticket.slivers]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TicketRejected(TicketReason.MALFORMED, f"the ticket names {repeated[0]} more than once")
+    if stamp > now + max_clock_skew:
+        raise TicketRejected(TicketReason.NOT_YET_VALID, f"ticket timestamp {stamp} is more than {max_clock_skew} s "
+            f"after this node's clock ({now})"
+        )
+    if now - stamp > max_age:
+        raise TicketRejected(TicketReason.TOO_OLD, f"ticket timestamp {stamp} is {now - stamp} s old; "
+            f"tickets.max_age is {max_age} s"
+        )
+    records = []
+    for sliver in ticket.slivers:
+        records.append(_plc_sliver(sliver, stamp, now=now, caller=caller, last_issued=last_issued(sliver.name),
+                                   existing=existing(sliver.name)))
+    return tuple(records)
+
+
+def _plc_sliver(
+    sliver: Sliver, stamp: int, *, now: int, caller: Caller, last_issued: int | None, existing: Sliver | None
+) -> Sliver:
+    try:
+        validate_name(sliver.name)
+    except InvalidName as exc:
+        raise TicketRejected(TicketReason.INVALID_NAME, f"{exc}") from None
+    name = sliver.name
+    if now >= sliver.expires:
+        raise TicketRejected(TicketReason.EXPIRED, f"slice {name} expired at {sliver.expires} (now {now})")
+    if sliver.instantiation != DELEGATED:
+        raise TicketRejected(TicketReason.WRONG_INSTANTIATION, f"slice {name} is {sliver.instantiation!r}; tickets "
+            f"grant only {DELEGATED!r} slices"
+        )
+    named = named_controllers(sliver)
+    for controller in named:
+        try:
+            validate_name(controller)
+        except InvalidName as exc:
+            raise TicketRejected(TicketReason.INVALID_CONTROLLER, f"slice {name}: {exc}") from None
+    held = existing.controller if existing is not None and existing.controller else ""
+    candidates = named or ((held,) if held else ())
+    if caller.is_controller and caller.sliver is not None and caller.sliver in candidates:
+        controller = caller.sliver
+    elif caller.is_root:
+        controller = candidates[0] if candidates else ""
+    else:
+        where = f"its controller(s) {', '.join(candidates)}" if candidates else "no controller"
+        source = " (from the ticket)" if named else " (from this node's record)" if held else ""
+        raise TicketRejected(TicketReason.WRONG_CALLER, f"slice {name} names {where}{source}: it may be delivered "
+            f"by such an nm-controller sliver or root, not by {caller.describe()}"
+        )
+    if last_issued is not None and stamp <= last_issued:
+        raise TicketRejected(TicketReason.REPLAY, f"ticket for {name} with timestamp {stamp} is not newer than the last "
+            f"accepted ticket for that slice (issued at {last_issued})"
+        )
+    if existing is not None and existing.source == SOURCE_AUTHORITY and existing.timestamp > stamp:
+        raise TicketRejected(TicketReason.STALE, f"ticket for {name} with timestamp {stamp} is older than the authority "
+            f"data this node holds for that slice (timestamp {existing.timestamp})"
+        )
+    return replace(sliver, instantiation=DELEGATED, timestamp=stamp, source=SOURCE_TICKET, controller=controller)

@@ -16,7 +16,8 @@ It keeps just enough state for backend logic to be tested without root:
 * ``open_proc_events`` returns a :class:`FakeProcEvents` a test pushes connector messages into;
 * a manual clock: ``sleep`` advances ``monotonic``;
 * failures on cue: ``fail_next("useradd")`` makes the next ``useradd`` command fail,
-  ``fail_next("makedirs_owned")`` the next call of that method.
+  ``fail_next("makedirs_owned")`` the next call of that method; ``run_shell`` (``conf_files``
+  commands) records ``("run_shell", command)`` and fails a command line given to ``fail_next``.
 
 Every other command succeeds with no output; :class:`nodemanager.testing.kernel.KernelHost`
 answers them (``_execute``) from a model of the kernel objects enforcement manages.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from ..core.errors import BackendError
 from ..enforce.procevents import ack_for
-from ..host import CommandResult, FileInfo, GroupEntry, Host, PasswdEntry, ShadowEntry
+from ..host import CommandResult, FileInfo, GroupEntry, Host, PasswdEntry, ShadowEntry, ShellResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,15 @@ class FakeHost(Host):
             raise BackendError(f"{args[0]} exited with status {returncode}: {stderr or '(no stderr)'}")
         return CommandResult(args, returncode, stdout, stderr.encode())
 
+    def run_shell(self, command: str, *, timeout: float, output_limit: int = 64 * 1024) -> ShellResult:
+        """Records the command; ``fail_next(COMMAND)`` makes that exact command line exit with
+        the failure's status (``stderr`` as its output). Everything else exits 0, silently."""
+        self.calls.append(("run_shell", command))
+        failure = self._maybe_fail(command)
+        if failure is None:
+            return ShellResult(0, False, b"")
+        return ShellResult(failure.returncode, False, failure.stderr.encode()[:output_limit])
+
     def _execute(self, args: list[str], input: bytes | None) -> tuple[int, bytes, str]:
         """What a command does and answers: ``(returncode, stdout, stderr)``. Here the account
         commands of :meth:`_effect`, and exit 0 with no output for anything else; a machine model
@@ -219,7 +229,17 @@ class FakeHost(Host):
             missing = [g for g in wanted if g not in self.groups]
             if missing:
                 return 6, f"useradd: group '{missing[0]}' does not exist"
-            gid = uid if all(g.gid != uid for g in self.groups.values()) else self._allocate_uid()
+            # Like shadow's useradd: the user group's gid comes from [GID_MIN, GID_MAX] (login.defs,
+            # or ``--key``); without keys this fake prefers the uid's number when it is free.
+            keys = dict(v.split("=", 1) for k, v in zip(args, args[1:]) if k == "--key" and "=" in v)
+            used = {g.gid for g in self.groups.values()}
+            if "GID_MIN" in keys and "GID_MAX" in keys:
+                free = [g for g in range(int(keys["GID_MIN"]), int(keys["GID_MAX"]) + 1) if g not in used]
+                if not free:
+                    return 4, "useradd: can't create group: no more available GIDs"
+                gid = free[0]
+            else:
+                gid = uid if uid not in used else self._allocate_uid()
             home = options.get("--home-dir", f"/home/{name}")
             self.users[name] = PasswdEntry(name, uid, gid, options.get("--comment", ""), home,
                                            options.get("--shell", "/bin/sh"))
@@ -319,6 +339,21 @@ class FakeHost(Host):
     def atomic_write(self, path: Path, data: bytes, *, uid: int, gid: int, mode: int) -> None:
         self._record("atomic_write", Path(path), data, uid, gid, mode)
         self.files[Path(path)] = FakeFile(bytes(data), uid, gid, mode, self._stamp())
+
+    def inspect_below(self, root: Path, parts: Sequence[str], *, limit: int) -> tuple[FileInfo, bytes | None] | None:
+        path = Path(root).joinpath(*parts)
+        self._record("inspect_below", path)
+        f = self.files.get(path)
+        if f is None:
+            return None
+        return FileInfo(f.uid, f.gid, f.mode, "file", len(f.data), f.stamp, f.stamp), (
+            f.data if len(f.data) <= limit else None)
+
+    def write_below(self, root: Path, parts: Sequence[str], data: bytes, *, uid: int, gid: int, mode: int,
+                    dir_mode: int = 0o755) -> None:
+        path = Path(root).joinpath(*parts)
+        self._record("write_below", path, data, uid, gid, mode)
+        self.files[path] = FakeFile(bytes(data), uid, gid, mode, self._stamp())
 
     def stat_file(self, path: Path) -> FileInfo | None:
         self._record("stat_file", Path(path))
@@ -453,6 +488,19 @@ class FakeHost(Host):
 
     def monotonic(self) -> float:
         return self.now
+
+
+class ShellAwareFakeHost(FakeHost):
+    """FakeHost whose ``usermod --shell`` changes the passwd entry (FakeHost only models the
+    password and expiry options of usermod): for tests of delegate accounts, whose login shell
+    the backend switches between the wrapper and the ordinary shell."""
+
+    def _effect(self, args: list[str]) -> tuple[int, str]:
+        if args[0] == "usermod" and "--shell" in args and args[-1] in self.users:
+            entry = self.users[args[-1]]
+            self.users[args[-1]] = PasswdEntry(entry.name, entry.uid, entry.gid, entry.gecos, entry.home,
+                                               args[args.index("--shell") + 1])
+        return super()._effect(args)
 
 
 def below(path: Path, root: Path) -> bool:
