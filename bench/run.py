@@ -6,6 +6,7 @@ Prints one line per figure: ``METRIC <name> <value> <unit>``.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,10 @@ def main() -> int:
     runs.append([str(HERE / "restart_bench.py"), "--sizes", "10000"])
     runs.append([str(HERE / "parse_bench.py")])
     runs.append([str(HERE / "api_bench.py")])
+    if shutil.which("gpgv") and shutil.which("gpg"):
+        runs.append([str(HERE / "pgp_ticket_bench.py")])
+    else:
+        print("# OpenPGP ticket benchmark skipped: needs gpg and gpgv (apt-get install gpgv gnupg)", flush=True)
     if os.geteuid() == 0:
         runs.append([str(HERE / "accounts_bench.py")])
         runs.append([str(HERE / "placement_bench.py")])

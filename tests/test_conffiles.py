@@ -318,7 +318,7 @@ def test_a_sync_installs_the_documents_conf_files(tmp_path: Path, server: str, a
         "conf_files": {"enabled": True, "base_url": server, "allowed_dirs": [str(allowed)]},
     })
     node = build_node(config, enforcement=None, tickets=None)
-    assert [h.name for h in node.syncer.document_handlers] == ["conf_files"]
+    assert [h.name for h in node.syncer.document_handlers] == ["conf_files", "leases"]  # leases: always
     try:
         node.start(serve=False)
         outcome = node.sync_once(wait=True)

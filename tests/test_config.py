@@ -33,6 +33,10 @@ def _contract_keys(text: str) -> dict[str, object]:
 EXTENSIONS = {
     "slivers.keys_dir": "/etc/nodemanager/authorized_keys",
     "slivers.group": "slivers",
+    "bwmon.daily_max_kbyte": 0,
+    "bwmon.daily_thresh_percent": 80,
+    "bwmon.period": 86400,
+    "bwmon.poll_interval": 30.0,
 }
 
 
@@ -69,6 +73,10 @@ def test_example_file_equals_defaults() -> None:
         ({"conf_files": {"enabled": True, "base_url": "https://plc/boot/"}}, "conf_files.allowed_dirs"),
         ({"conf_files": {"allowed_dirs": ["/etc/../root"]}}, "conf_files.allowed_dirs"),
         ({"conf_files": {"allowed_dirs": ["/"]}}, "conf_files.allowed_dirs"),
+        ({"bwmon": {"daily_thresh_percent": 120}}, "bwmon.daily_thresh_percent"),
+        ({"bwmon": {"period": 0}}, "bwmon.period"),
+        ({"bwmon": {"poll_interval": 0}}, "bwmon.poll_interval"),
+        ({"bwmon": {"daily_max_kbyte": -1}}, "bwmon.daily_max_kbyte"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, key: str) -> None:

@@ -143,9 +143,34 @@ def test_version_1_store_is_migrated_keeping_its_rows(db_path: Path) -> None:
             name="site_a", uid=1234, owned=True, applied="fp", phase=Phase.RUNNING, access="")
     conn = raw(db_path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     finally:
         conn.close()
+
+
+def test_version_2_store_is_migrated_to_byte_budgets(db_path: Path) -> None:
+    """Schema 3 added the ``byte_budgets`` table (bwmon): a schema-2 store keeps its rows, starts
+    with no accounting, and byte accounting round-trips through a reopening."""
+    from nodemanager.core.bwbudget import Accounting
+    from nodemanager.storefile import MIGRATIONS
+
+    db_path.parent.mkdir()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
+        conn.execute(statement)
+    conn.execute("INSERT INTO accounts VALUES ('site_a', 1234, 1, 'fp', 'running', 0, '', 0.0, 0, 'sig')")
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    rows = [Accounting("site_a", 1000.5, 2**40, 2**40 + 7, 2**41, 2**40, 96), Accounting("site_b", 3.0)]
+    with Store(db_path) as s:
+        assert s.account("site_a") is not None and s.account("site_a").access == "sig"
+        assert s.byte_budgets() == {}
+        s.put_byte_budgets(rows)
+    assert quarantined(db_path) == []
+    with Store(db_path) as s:
+        assert s.byte_budgets() == {a.name: a for a in rows}
+        s.put_byte_budgets([replace(rows[1], used=5)], drop=["site_a"])
+        assert s.byte_budgets() == {"site_b": replace(rows[1], used=5)}
 
 
 def test_newer_schema_is_refused_and_left_untouched(db_path: Path) -> None:

@@ -98,6 +98,16 @@ class MetricsSection(_Section):
     listen: str = "127.0.0.1:9812"
 
 
+class BwmonSection(_Section):
+    """Daily byte budgets (``bwmon``): node defaults of PLC's ``net_max_kbyte`` and
+    ``net_thresh_kbyte``, the period and how often the HTB counters are read. Not in config.md."""
+
+    daily_max_kbyte: int = 0
+    daily_thresh_percent: int = 80
+    period: int = 86400
+    poll_interval: float = 30.0
+
+
 class Config(_Section):
     node: NodeSection = msgspec.field(default_factory=NodeSection)
     authority: AuthoritySection = msgspec.field(default_factory=AuthoritySection)
@@ -109,6 +119,7 @@ class Config(_Section):
     accounts: AccountsSection = msgspec.field(default_factory=AccountsSection)
     conf_files: ConfFilesSection = msgspec.field(default_factory=ConfFilesSection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    bwmon: BwmonSection = msgspec.field(default_factory=BwmonSection)
 
     @property
     def data_dir(self) -> Path:
@@ -181,6 +192,15 @@ def _check(config: Config) -> None:
         problems.append(("conf_files.base_url", "must be an http(s) URL when conf_files.enabled"))
     if cf.enabled and not cf.allowed_dirs:
         problems.append(("conf_files.allowed_dirs", "must name at least one directory when conf_files.enabled"))
+    bw = config.bwmon
+    if bw.daily_max_kbyte < 0:
+        problems.append(("bwmon.daily_max_kbyte", "must not be negative (0: no budget)"))
+    if not 0 <= bw.daily_thresh_percent <= 100:
+        problems.append(("bwmon.daily_thresh_percent", "must be between 0 and 100"))
+    if bw.period < 1:
+        problems.append(("bwmon.period", "must be at least 1 second"))
+    if not 0.1 <= bw.poll_interval <= bw.period:
+        problems.append(("bwmon.poll_interval", "must be between 0.1 seconds and bwmon.period"))
     if problems:
         key, why = problems[0]
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""

@@ -26,6 +26,7 @@ from typing import Final
 from .api.methods import NodeManagerApi, TicketRedeemer, caller_resolver
 from .api.server import ApiServer
 from .authority.client import AuthorityClient, next_poll_delay
+from .bwmon import ByteBudgetMonitor
 from .backends.base import Backend
 from .clock import Clock, SystemClock
 from .config import Config
@@ -39,6 +40,7 @@ from .enforce.set import EnforcementSet
 from .enforcing import EnforcementHooks, EnforcementLoop
 from .health import sd_notify
 from .host import Host
+from .leasing import AccountLoginLock, CgroupFreezer, LeaseHandler, LeaseScheduler
 from .metrics import NodeMetrics
 from .operations import SliverOperations
 from .store import Store
@@ -141,20 +143,28 @@ def build_node(
     pool = WorkerPool(config.slivers.workers, start=False)
     metrics = NodeMetrics(store=store, queue_depth=pool.depth, backend=backend.kind)
     loop = None
+    # the lease schedule: it pokes the enforcement loop (built next) when the holder changes
+    leases = LeaseScheduler(store, clock, freezer=None if enforcement is None else CgroupFreezer(enforcement),
+                            logins=_login_lock(backend), account_of=account_of,
+                            on_lease_change=lambda: loop.poke() if loop is not None else None)
     if enforcement is not None:
         home_root = Path(config.slivers.home_root)
         loop = EnforcementLoop(enforcement, store, home_of=lambda name: home_root / account_of(name),
                                node_cap_kbps=cap, account_prefix=prefix,
-                               on_error=metrics.enforcement_error)
+                               on_error=metrics.enforcement_error, lease_holder=lambda: leases.holder)
+    bwmon = None if loop is None or enforcement is None else ByteBudgetMonitor(
+        store, enforcement, config.bwmon, node_cap_kbps=cap, on_change=loop.poke,
+        on_event=metrics.byte_budget_event, clock=clock.now)
     operations = SliverOperations(store, backend, clock, node_cap_kbps=cap,
                                   on_change=loop.poke if loop is not None else None,
-                                  on_failure=metrics.sliver_failed)
+                                  on_failure=metrics.sliver_failed, lease_frozen=leases.is_frozen)
     syncer = Syncer(
         store=store, backend=backend, operations=operations, pool=pool,
         fetch=fetch if fetch is not None else AuthorityClient.from_config(config).fetch,
         clock=clock, max_delete_fraction=config.sync.max_delete_fraction,
         confirm_after=config.sync.confirm_after,
-        document_handlers=document_handlers_from_config(config, host=host, store=store, hollow=hollow),
+        document_handlers=[*document_handlers_from_config(config, host=host, store=store, hollow=hollow),
+                           LeaseHandler(store, on_change=leases.poke)],
         on_handler_error=metrics.handler_failed,
     )
     if isinstance(tickets, _Default):
@@ -171,7 +181,15 @@ def build_node(
                            max_request_bytes=config.api.max_request_bytes, on_request=metrics.api_request)
     return Node(config=config, datadir=datadir, store=store, host=host, backend=backend, cap=cap,
                 enforcement=enforcement, enforcement_loop=loop, operations=operations, pool=pool,
-                syncer=syncer, api=api, api_server=server, metrics=metrics, clock=clock)
+                syncer=syncer, api=api, api_server=server, metrics=metrics, clock=clock, leases=leases,
+                bwmon=bwmon)
+
+
+def _login_lock(backend: Backend) -> AccountLoginLock | None:
+    """Logins of lease-frozen slivers are locked through the account backend (none: hollow)."""
+    from .backends.account import AccountBackend
+
+    return AccountLoginLock(backend) if isinstance(backend, AccountBackend) else None
 
 
 def _backend_from_config(config: Config, host: Host, hooks: EnforcementHooks | None) -> Backend:
@@ -193,6 +211,8 @@ class _Running:
     api: bool = False
     loop: bool = False
     metrics: bool = False
+    leases: bool = False
+    bwmon: bool = False
 
 
 class Node:
@@ -206,6 +226,7 @@ class Node:
         cap: NodeCap, enforcement: EnforcementSet | None, enforcement_loop: EnforcementLoop | None,
         operations: SliverOperations, pool: WorkerPool, syncer: Syncer, api: NodeManagerApi,
         api_server: ApiServer | None, metrics: NodeMetrics, clock: Clock,
+        leases: LeaseScheduler | None = None, bwmon: ByteBudgetMonitor | None = None,
     ) -> None:
         self.config = config
         self.datadir = datadir
@@ -222,6 +243,8 @@ class Node:
         self.api_server = api_server
         self.metrics = metrics
         self.clock = clock
+        self.leases = leases
+        self.bwmon = bwmon
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
         self._running = _Running()
@@ -279,7 +302,10 @@ class Node:
                                  if self.backend.kind == "hollow" else "none: enforcement is disabled"})
         else:
             self.enforcement.probe()
-            self.enforcement.thaw_stops_cut_short()  # no worker runs yet: nothing is being stopped
+            # no worker runs yet: nothing is being stopped; what the lease schedule freezes stays so
+            leases = self.leases
+            self.enforcement.thaw_stops_cut_short(
+                keep=() if leases is None else {leases.account_of(n) for n in leases.wanted_frozen()})
             for resource, mechanism in sorted(self.enforcement.describe().items()):
                 logger.info("event=enforcement resource=%s mechanism=%r", resource, mechanism)
             self.store.set_meta({Meta.ENFORCEMENT: "; ".join(self.enforcement.problems()) or "ok"})
@@ -310,6 +336,12 @@ class Node:
             self._running.loop = True
             if self.enforcement is not None:  # the listener can fail where its probe succeeded
                 self.store.set_meta({Meta.ENFORCEMENT: "; ".join(self.enforcement.problems()) or "ok"})
+        if self.leases is not None:
+            self.leases.start()
+            self._running.leases = True
+        if self.bwmon is not None:
+            self.bwmon.start()
+            self._running.bwmon = True
         try:
             self.metrics.start_http(self.config.metrics.listen)
             self._running.metrics = True
@@ -407,6 +439,10 @@ class Node:
             self.metrics.stop()
         if running.api and self.api_server is not None:
             self.api_server.stop()
+        if running.leases and self.leases is not None:
+            self.leases.stop()
+        if running.bwmon and self.bwmon is not None:
+            self.bwmon.stop()
         if running.loop and self.enforcement_loop is not None:
             self.enforcement_loop.stop()
         self.pool.shutdown(cancel_pending=True)

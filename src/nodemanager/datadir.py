@@ -50,6 +50,9 @@ class Meta:
     ADMIN_KEYS = "admin_keys_state"
     #: The configuration-files handler's last outcome (JSON, ``conffiles``): shown by ``status``.
     CONF_FILES = "conf_files_state"
+    #: The newest document's lease schedule (JSON of ``core.leases.LeaseSchedule``: policy,
+    #: granularity, accepted and refused leases): boundaries are kept from it (``leasing``).
+    LEASES = "leases"
     #: Written by ``nodemanager health`` to prove the store is writable.
     HEALTH_PROBE = "health_probe"
 

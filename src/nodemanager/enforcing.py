@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .core.leases import lease_rspecs
+from .core.bwbudget import apply_byte_caps, caps_of
 from .core.records import Phase, Sliver, is_valid_name
 from .core.rspec import effective_rspecs, rspec_from_attributes
 from .enforce.set import EnforcementSet
@@ -56,8 +58,10 @@ def observed_by_sliver(
     return merged
 
 
-def effective_targets(store: Store, cap: int | None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """Effective RSpecs and uids of every sliver whose account exists (what enforcement applies)."""
+def effective_targets(store: Store, cap: int | None, leased: str | None = None
+                      ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Effective RSpecs and uids of every sliver whose account exists (what enforcement applies);
+    ``leased`` (the sliver holding the node under a lease) gets the node (``core.leases``)."""
     accounts = {
         name: state for name, state in store.accounts().items()
         if state.owned and state.uid is not None and state.phase in (Phase.STOPPED, Phase.RUNNING, Phase.FAILED)
@@ -65,6 +69,9 @@ def effective_targets(store: Store, cap: int | None) -> tuple[dict[str, dict[str
     own = {name: rspec_from_attributes(record.attributes, cap) for name, record in store.slivers().items()}
     effective = effective_rspecs(own, store.loans())
     rspecs = {name: effective[name] for name in accounts if name in effective}
+    if leased is not None:
+        rspecs = lease_rspecs(rspecs, leased, cap)
+    rspecs = apply_byte_caps(rspecs, caps_of(store.byte_budgets()))  # daily byte budgets (bwmon)
     uids = {name: accounts[name].uid for name in rspecs}
     return rspecs, uids  # type: ignore[return-value]
 
@@ -128,8 +135,10 @@ class EnforcementLoop:
         place_s: float = 5.0,
         min_interval_s: float = MIN_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        lease_holder: Callable[[], str | None] = lambda: None,
     ) -> None:
-        """``account_prefix`` (``slivers.name_prefix``) makes a sliver's account name, which
+        """``lease_holder()`` names the sliver holding the node under a lease (``leasing``).
+        ``account_prefix`` (``slivers.name_prefix``) makes a sliver's account name, which
         kernel objects are named after; the sweep removes only groups named prefix + a valid
         sliver name, so another node manager's groups under the same parent are never touched."""
         self.enforcement = enforcement
@@ -142,6 +151,7 @@ class EnforcementLoop:
         self.place_s = place_s
         self.min_interval_s = min_interval_s
         self.clock = clock
+        self.lease_holder = lease_holder
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._dirty = True
@@ -161,7 +171,7 @@ class EnforcementLoop:
     def targets(self) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, Path]]:
         """Effective RSpecs, uids and homes of every sliver whose account exists, keyed by
         account name (what the enforcers name kernel objects after)."""
-        rspecs, uids = effective_targets(self.store, self.node_cap_kbps())
+        rspecs, uids = effective_targets(self.store, self.node_cap_kbps(), self.lease_holder())
         key = self.account_of
         return ({key(n): r for n, r in rspecs.items()}, {key(n): u for n, u in uids.items()},
                 {key(n): Path(self.home_of(n)) for n in rspecs})

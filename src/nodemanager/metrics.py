@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .adminkeys import gauge_values as admin_key_gauges
+from .bwmon import ByteBudgetCollector
 from .conffiles import state_counts as conf_file_counts
 from .core.addresses import parse_host_port
 from .core.authz import METHODS
@@ -58,6 +59,7 @@ from .core.errors import (
 )
 from .core.records import AccountState, ValveState
 from .datadir import Meta
+from .leasing import LeaseCollector
 
 if TYPE_CHECKING:
     from .sync import SyncOutcome
@@ -75,7 +77,7 @@ TICKET_REASONS = tuple(reason.label for reason in TicketReason)
 #: Enforcer names (enforce/*); anything else is ``other``.
 ENFORCERS = ("cpu", "memory", "pids", "bandwidth", "disk", "placement", "other")
 #: Labels of ``nodemanager_document_handler_errors`` (``sync.DocumentHandler.name``).
-DOCUMENT_HANDLERS = ("admin_keys", "conf_files", "other")
+DOCUMENT_HANDLERS = ("admin_keys", "conf_files", "leases", "other")
 #: Kinds of failed sliver operations (``nodemanager_sliver_operation_failures_total{kind}``), most
 #: specific class first; anything else is ``internal`` (a bug: logged with its traceback).
 FAILURE_KINDS: tuple[tuple[type[BaseException], str], ...] = (
@@ -294,6 +296,16 @@ class NodeMetrics:
         for label in DOCUMENT_HANDLERS:
             self.handler_errors.labels(label)
         r.register(_StateCollector(store, queue_depth))
+        if store is not None:
+            r.register(LeaseCollector(store, now))
+        self.byte_budget_events = Counter(
+            "nodemanager_byte_budget_events", "Daily byte budget caps set (capped) and lifted (lifted)",
+            ["event"], registry=r,
+        )
+        for label in ("capped", "lifted"):
+            self.byte_budget_events.labels(label)
+        if store is not None and hasattr(store, "byte_budgets"):
+            r.register(ByteBudgetCollector(store.byte_budgets))
 
     def restore(self, store: StoreView) -> None:
         """Take what survives a restart from the store (the last good sync's time): called once
@@ -331,6 +343,10 @@ class NodeMetrics:
     def ticket_rejected(self, reason: TicketReason) -> None:
         """One rejected ticket, by reason."""
         self.ticket_rejections.labels(reason.label).inc()
+
+    def byte_budget_event(self, kind: str) -> None:
+        """A sliver's byte budget cap was set (``capped``) or lifted (``lifted``)."""
+        self.byte_budget_events.labels(kind if kind in ("capped", "lifted") else "lifted").inc()
 
     def enforcement_error(self, enforcer: str) -> None:
         """One failed enforcement operation; ``enforcer`` is mapped onto :data:`ENFORCERS`."""

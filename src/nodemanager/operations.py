@@ -41,6 +41,10 @@ from .store import Store
 
 logger = logging.getLogger(__name__)
 
+#: Set (to 1) in the RSpec handed to ``Backend.configure`` while a lease keeps the sliver frozen:
+#: the account stays locked for logins, its processes are left alone (not an RSpec resource).
+LEASE_FROZEN = "lease_frozen"
+
 #: Retry backoff after a failed operation: 30 s doubling up to an hour (``core.retry``).
 BACKOFF_BASE_S = 30.0
 BACKOFF_CAP_S = 3600.0
@@ -59,10 +63,13 @@ class SliverOperations:
         rng: Callable[[], float] = random.random,
         on_change: Callable[[], None] | None = None,
         on_failure: Callable[[str, BaseException], None] | None = None,
+        lease_frozen: Callable[[str], bool] = lambda name: False,
     ) -> None:
         """``on_change()`` is called after an account was made to match or was removed (the
         daemon pokes enforcement); ``on_failure(name, error)`` after an operation failed (the
-        daemon counts it). Both must be cheap; an exception they raise is logged, not raised."""
+        daemon counts it). Both must be cheap; an exception they raise is logged, not raised.
+        ``lease_frozen(name)``: the lease schedule keeps the sliver frozen now, so configuring
+        its account keeps logins locked (``leasing``; the backend reads ``LEASE_FROZEN``)."""
         self.store = store
         self.backend = backend
         self.clock = clock
@@ -70,6 +77,7 @@ class SliverOperations:
         self.rng = rng
         self._on_change = on_change
         self._on_failure = on_failure
+        self.lease_frozen = lease_frozen
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -199,6 +207,8 @@ class SliverOperations:
                 "it was replaced outside the node manager and is left untouched"
             )
         rspec = self.effective_rspec(name, sliver)
+        if self.lease_frozen(name):
+            rspec = {**rspec, LEASE_FROZEN: 1}
         access = self.backend.configure(sliver, rspec)
         phase = state.phase
         if phase not in (Phase.RUNNING, Phase.STOPPED):  # after a failure or a crash: ask

@@ -10,10 +10,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .adminkeys import status_lines as admin_keys_lines
+from .bwmon import status_lines as budget_status_lines
 from .conffiles import status_lines as conf_files_lines
 from .core.records import AccountState, Phase, Sliver
 from .core.rspec import rspec_from_attributes
 from .datadir import Meta
+from .leasing import lease_holder
+from .leasing import status_lines as lease_lines
 from .store import Store
 
 if TYPE_CHECKING:
@@ -120,6 +123,7 @@ def render_status(store: Store, now: float | None = None) -> str:
         head.append(f"SAFETY VALVE:   {len(valve.held)} removals held (seen in {valve.seen} document(s))")
     head += admin_keys_lines(store.get_meta(Meta.ADMIN_KEYS, ""), lambda epoch: _when(epoch, now))
     head += conf_files_lines(store.get_meta(Meta.CONF_FILES, ""), lambda epoch: _when(epoch, now))
+    head += lease_lines(store, now, lambda epoch: _when(epoch, now))
     rows = sliver_rows(store.slivers(), store.accounts(), now, cap)
     body = table(rows, COLUMNS) if rows else "(no slivers)"
     return "\n".join(head) + "\n\n" + body + f"\n\n{len(rows)} sliver(s)"
@@ -131,7 +135,8 @@ def render_resources(store: Store, enforcement: EnforcementSet | None, name_pref
     from .enforcing import effective_targets, observed_by_sliver
 
     cap_raw = store.get_meta(Meta.BWCAP, "")
-    effective, uids = effective_targets(store, int(cap_raw) if cap_raw.isdigit() else None)
+    effective, uids = effective_targets(store, int(cap_raw) if cap_raw.isdigit() else None,
+                                        lease_holder(store, time.time()))
     lines = ["", "resources (effective RSpec, after loans, beside the kernel's settings):"]
     if enforcement is None:
         lines.append("  no enforcement: the hollow backend creates nothing to enforce")
@@ -143,4 +148,6 @@ def render_resources(store: Store, enforcement: EnforcementSet | None, name_pref
     observed = observed_by_sliver(enforcement, uids, lambda name: name_prefix + name)
     rows = resource_rows(effective, observed)
     lines += ["", table(rows[1:], [h.upper() for h in rows[0]]) if len(rows) > 1 else "(no slivers)"]
+    now = time.time()
+    lines += budget_status_lines(store.byte_budgets(), lambda epoch: _when(epoch, now))
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""SQLite (WAL) store: sliver records, account states, loans, meta, ticket replay marks.
+"""SQLite (WAL) store: sliver records, account states, loans, meta, ticket replay marks, byte
+budgets.
 
 Why SQLite: the original pickled its whole database (unsafe to load, tied to class names, rewritten
 in full at every change). Here every public method is exactly one transaction on one connection in
@@ -34,19 +35,24 @@ from types import TracebackType
 
 import msgspec
 
+from .core.bwbudget import Accounting
 from .core.errors import StoreCorrupt, StoreError
 from .core.records import INSTANTIATIONS, AccountState, Loan, Phase, Sliver, ValveState
 from .datadir import Meta
 from .storefile import SCHEMA_VERSION, open_database, store_error
 from .storerows import (
     ACCOUNT_COLUMNS,
+    BUDGET_COLUMNS,
     SLIVER_COLUMNS,
+    UPSERT_BUDGET,
     UPSERT_ACCOUNT,
     UPSERT_MARK,
     UPSERT_META,
     UPSERT_SLIVER,
     account_from_row,
     account_row,
+    budget_from_row,
+    budget_row,
     sliver_from_row,
     sliver_row,
     valve_from_text,
@@ -375,6 +381,26 @@ class Store:
                 for sliver in slivers:
                     self._sliver_cache[sliver.name] = sliver
         return True
+
+    # --- daily byte budgets (bwmon) ---
+    def byte_budgets(self) -> dict[str, Accounting]:
+        """Every sliver's byte accounting (also of slivers gone, until their period ends)."""
+        with self._transaction("read byte budgets", write=False) as conn:
+            rows = conn.execute(f"SELECT {BUDGET_COLUMNS} FROM byte_budgets").fetchall()
+        with self._converting("unreadable byte budget"):
+            return {row[0]: budget_from_row(row) for row in rows}
+
+    def put_byte_budgets(self, rows: Iterable[Accounting], drop: Iterable[str] = ()) -> None:
+        """Write ``rows`` and delete the accounting of ``drop``, in one transaction (a power
+        cut may forget the last poll's bytes, never half of it)."""
+        with self._converting("cannot store byte budget"):
+            values = [budget_row(a) for a in rows]
+        names = [(name,) for name in drop]
+        if not values and not names:
+            return
+        with self._transaction("write byte budgets") as conn:
+            conn.executemany(UPSERT_BUDGET, values)
+            conn.executemany("DELETE FROM byte_budgets WHERE name = ?", names)
 
     # --- status ---
     def counts(self) -> dict[str, int]:

@@ -67,6 +67,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: the access signature last applied (lock state + authoritative keys), re-verified per cycle.
     ("ALTER TABLE accounts ADD COLUMN access TEXT NOT NULL DEFAULT ''",),
+    # 3: daily byte budgets (bwmon): per-sliver accounting, kept after a sliver goes until its
+    # period ends (``core.bwbudget.Accounting``).
+    (
+        """CREATE TABLE byte_budgets (
+            name TEXT PRIMARY KEY NOT NULL,
+            period_start REAL NOT NULL,
+            used INTEGER NOT NULL CHECK (used >= 0),
+            counter INTEGER,
+            max_bytes INTEGER NOT NULL CHECK (max_bytes >= 0),
+            thresh_bytes INTEGER NOT NULL CHECK (thresh_bytes >= 0),
+            cap_kbit INTEGER
+        ) STRICT""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 TABLES = frozenset({"slivers", "accounts", "loans", "meta", "ticket_marks"})

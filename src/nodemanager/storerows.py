@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
+from .core.bwbudget import Accounting
 from .core.records import AccountState, Phase, Sliver, ValveState
 
 
@@ -41,6 +42,9 @@ UPSERT_SLIVER = upsert("slivers", SLIVER_FIELDS)
 UPSERT_ACCOUNT = upsert("accounts", ACCOUNT_FIELDS)
 UPSERT_META = upsert("meta", ("key", "value"))
 UPSERT_MARK = upsert("ticket_marks", ("slice", "issued"))
+BUDGET_FIELDS = ("name", "period_start", "used", "counter", "max_bytes", "thresh_bytes", "cap_kbit")
+BUDGET_COLUMNS = ", ".join(BUDGET_FIELDS)
+UPSERT_BUDGET = upsert("byte_budgets", BUDGET_FIELDS)
 
 _encode = msgspec.json.Encoder().encode
 _decode_keys = msgspec.json.Decoder(tuple[str, ...]).decode
@@ -97,3 +101,14 @@ def valve_from_text(raw: str) -> ValveState:
     if not isinstance(seen, int) or isinstance(seen, bool):
         raise ValueError("seen is not an integer")
     return ValveState(held=frozenset(held), seen=seen)
+
+
+def budget_row(a: Accounting) -> tuple[object, ...]:
+    return (a.name, float(a.period_start), int(a.used), a.counter, int(a.max_bytes), int(a.thresh_bytes), a.cap_kbit)
+
+
+def budget_from_row(row: tuple[object, ...]) -> Accounting:
+    name, start, used, counter, max_bytes, thresh_bytes, cap_kbit = row
+    if not isinstance(name, str) or not all(isinstance(v, int) for v in (used, max_bytes, thresh_bytes)):
+        raise ValueError(f"byte budget row {row!r} is not one")
+    return Accounting(name, float(start), used, counter, max_bytes, thresh_bytes, cap_kbit)  # type: ignore[arg-type]

@@ -113,18 +113,19 @@ def test_real_plcapi_answer_is_accepted_unchanged_through_xmlrpc() -> None:
 
 def test_every_top_level_member_is_used_handed_on_or_ignored_with_a_debug_line(caplog: pytest.LogCaptureFixture) -> None:
     """authority.md: every member a real PLCAPI sends is used or explicitly ignored; none breaks
-    a sync, none is silently half-used. ``accounts`` and ``conf_files`` go to the node-wide
-    handlers untouched (they validate them); the rest is named in a debug line with a reason."""
+    a sync, none is silently half-used. ``accounts``, ``conf_files`` and the lease members
+    (``reservation_policy``, ``lease_granularity``, ``leases``) go to the node-wide handlers
+    untouched (they validate them); the rest is named in a debug line with a reason."""
     answer = plcapi_answer()
     answer["future_member"] = {"x": 1}
     answer["conf_files"] = None  # nil on a regular node: as if absent
     with caplog.at_level("DEBUG", logger="nodemanager.authority.parse"):
         document, _ = parse_getslivers_with_protection(answer, expected_node_id=42)
-    assert set(document.members) == {"accounts"}
+    assert set(document.members) == {"accounts", "reservation_policy", "leases", "lease_granularity"}
     assert document.members["accounts"] is answer["accounts"]
+    assert document.members["leases"] is answer["leases"]
     ignored = {r.getMessage().split("member=")[1].split()[0] for r in caplog.records if "member-ignored" in r.getMessage()}
-    assert ignored == {"groups", "xmpp", "hrn", "reservation_policy", "leases", "lease_granularity", "future_member"}
-    assert "reservations are not implemented" in caplog.text
+    assert ignored == {"groups", "xmpp", "hrn", "future_member"}
 
 
 def test_bwcap_member_wins_over_interfaces_and_nil_bwlimit_means_no_cap() -> None:

@@ -521,3 +521,21 @@ def test_unprivileged_access_problems_find_private_directories(tmp_path: Path) -
     problems = delegate_module.unprivileged_access_problems([str(program)])
     assert any(str(private) in problem and "not searchable" in problem for problem in problems)
     assert delegate_module.unprivileged_access_problems(["/bin/sh"]) == []
+
+
+def test_a_lease_frozen_sliver_is_locked_but_keeps_its_keys_and_processes(
+        backend: AccountBackend, host: FakeHost, created: int) -> None:
+    """docs/leases.md: while a lease keeps a sliver frozen its logins are refused (the account is
+    locked as a disabled one) but nothing is stopped or removed; the lease's end unlocks it."""
+    from nodemanager.leasing import AccountLoginLock
+    from nodemanager.operations import LEASE_FROZEN
+
+    pid = host.add_process(created)
+    backend.configure(make_sliver(), {"nm_enabled": 1, LEASE_FROZEN: 1})
+    assert host.shadow["nmpl_test"].password == "!*" and pid in host.processes
+    assert host.files[KEYS_DIR / "nmpl_test"].data == b"".join(k.encode() + b"\n" for k in KEYS)
+    AccountLoginLock(backend).set_open("pl_test", True)
+    assert host.shadow["nmpl_test"].password == "*"
+    AccountLoginLock(backend).set_open("pl_test", False)
+    assert host.shadow["nmpl_test"].password == "!*" and pid in host.processes
+    AccountLoginLock(backend).set_open("pl_gone", False)  # no account: nothing to lock

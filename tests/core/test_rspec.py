@@ -34,6 +34,8 @@ def test_table_matches_resources_md() -> None:
         "nm_net_share": (1, 1, True),
         "nm_disk_quota": (5 * 1024 * 1024, 0, False),
         "nm_pids_max": (1024, 16, False),
+        "nm_cpu_cores": (0, 0, False),  # PLC's cpu_cores "N"/"Nb" (core.cores)
+        "nm_cpu_cores_besteffort": (0, 0, False),
     }
     assert {n: (s.default, s.minimum, s.loanable) for n, s in RESOURCES.items()} == expected
     assert all(spec.name == name for name, spec in RESOURCES.items())

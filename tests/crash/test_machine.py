@@ -23,7 +23,7 @@ def test_every_enforcer_is_available_on_the_simulated_machine(layout: str) -> No
         node = boot(world)
         try:
             assert node.enforcement is not None and node.enforcement.problems() == []
-            assert set(node.enforcement.describe()) == {"cpu", "memory", "pids", "bandwidth", "disk", "placement"}
+            assert set(node.enforcement.describe()) == {"cpu", "cpuset", "memory", "pids", "bandwidth", "disk", "placement"}
             run = Run(world, node)
             for step in scenario.steps:
                 step(run)

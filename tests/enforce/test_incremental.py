@@ -136,6 +136,9 @@ class FakeStore:
     def loans(self) -> dict[str, tuple[Loan, ...]]:
         return dict(self.lent)
 
+    def byte_budgets(self) -> dict[str, object]:
+        return {}
+
 
 class CountingSet:
     """An EnforcementSet stand-in recording what the loop asks of it."""

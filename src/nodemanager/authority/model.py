@@ -47,7 +47,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -56,6 +56,7 @@ from lxml import etree
 from ..core.errors import ConfigError, InvalidName
 from ..core.records import DELEGATED, INSTANTIATIONS, NM_CONTROLLER, PLC_INSTANTIATED, validate_name
 from .conffiledata import DEFAULT_DIR, ConfFileEntry, ConfFileSpec, conf_files_for, parse_conf_files
+from .leasedata import LeaseSpec, NodeLeases, parse_node_leases
 from .parse import is_openssh_public_key, is_tag_name
 
 XMLRPC_INT_MAX = 2**31 - 1
@@ -88,6 +89,9 @@ class _NodeSpec(_Struct):
     key: str
     hostname: str = ""
     bwcap: int | None = None
+    reservation_policy: str = "none"
+    lease_granularity: int = 3600
+    leases: list[LeaseSpec] = msgspec.field(default_factory=list)
 
 
 AttributeValue = str | int | list[str | int]
@@ -126,6 +130,8 @@ class NodeEntry:
     hostname: str
     key: str
     bwcap_kbps: int | None
+    #: ``reservation_policy``, ``lease_granularity`` and ``leases`` (:mod:`.leasedata`).
+    leases: NodeLeases = NodeLeases()
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +364,12 @@ def parse_authority_data(raw: Mapping[str, Any], *, timestamp: int, base_time: i
         if unknown:
             raise _fail(origin, f"{where}.slices", f"unknown slice(s) {unknown}")
         users[user.name] = UserEntry(user.name, user.password_sha256, frozenset(user.slices))
+    slice_ids = {entry.name: entry.slice_id for entry in slices}
+    for index, node in enumerate(spec.nodes):
+        leases = parse_node_leases(f"nodes[{index}] (id {node.id})", node.reservation_policy, node.lease_granularity,
+                                   node.leases, slice_ids, lambda value: _expires(value, base_time),
+                                   lambda where, why: _fail(origin, where, why))
+        nodes[node.id] = replace(nodes[node.id], leases=leases)
     conf_files = parse_conf_files(spec.conf_files, nodes, origin)
     return AuthorityData(timestamp=timestamp, nodes=nodes, slices=tuple(slices), users=users, tickets=settings,
                          conf_files=conf_files, conf_files_dir=spec.authority.conf_files_dir)
@@ -411,6 +423,7 @@ def getslivers_struct(data: AuthorityData, node_id: int) -> dict[str, Any]:
         document["bwcap"] = node.bwcap_kbps
     if data.conf_files:
         document["conf_files"] = conf_files_for(data.conf_files, node_id)
+    document.update(node.leases.members())
     return document
 
 

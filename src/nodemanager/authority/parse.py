@@ -255,14 +255,11 @@ def _check_sliver(entry: Mapping[str, Any], timestamp: int, initscripts: dict[st
 #: node does with each: parsed here, handed whole to a node-wide handler (``members``), or ignored
 #: on purpose -- with a debug line naming it, so an operator can see nothing is half-used.
 PARSED_MEMBERS = frozenset({"timestamp", "node_id", "hostname", "slivers", "initscripts", "bwcap", "interfaces"})
-HANDLED_MEMBERS = frozenset({"accounts", "conf_files"})
+HANDLED_MEMBERS = frozenset({"accounts", "conf_files", "reservation_policy", "lease_granularity", "leases"})
 IGNORED_MEMBERS: Mapping[str, str] = {
     "hrn": "informational (the node's human-readable name)",
     "groups": "node groups: nothing on the node depends on them",
     "xmpp": "PLC's XMPP notification settings: this node has no XMPP client",
-    "leases": "reservations are not implemented by this version",
-    "reservation_policy": "reservations are not implemented by this version",
-    "lease_granularity": "reservations are not implemented by this version",
 }
 
 

@@ -235,12 +235,14 @@ class AccountBackend:
         others did -- then the home. Returns the access signature."""
         name = sliver.name
         enabled = rspec.get("nm_enabled", 1) != 0
+        # a lease-frozen sliver (operations.LEASE_FROZEN) is locked but neither stopped nor keyless
+        open_ = enabled and not rspec.get("lease_frozen", 0)
         with _failures(name, "configure"):
             entry = self._entry(name)
             delegated = self.delegates.is_delegate(sliver)
             keys = keys_content(name, sliver.keys, restrict=delegated) if enabled else b""
             steps: list[Callable[[], object]] = [
-                lambda: self.db.ensure_lock_state(name, entry.name, enabled),
+                lambda: self.db.ensure_lock_state(name, entry.name, open_),
                 lambda: self.db.ensure_memberships(name, entry.name),
             ]
             if not enabled:

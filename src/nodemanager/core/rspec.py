@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .cores import CoreRequest, parse_cpu_cores
 from .errors import InvalidLoans
 from .records import Loan, is_valid_name
 
@@ -60,6 +61,8 @@ RESOURCES: dict[str, ResourceSpec] = {
         ResourceSpec("nm_net_share", "weight", 1, 1, True),
         ResourceSpec("nm_disk_quota", "KiB, 0 = unlimited", 5 * KIB_PER_GIB, 0, False),
         ResourceSpec("nm_pids_max", "tasks", DEFAULT_PIDS_MAX, 16, False),
+        ResourceSpec("nm_cpu_cores", "whole CPUs reserved for the sliver alone", 0, 0, False),
+        ResourceSpec("nm_cpu_cores_besteffort", "0/1: also the shared CPUs", 0, 0, False),
     )
 }
 
@@ -106,7 +109,9 @@ def rspec_from_attributes(
     their order (an unparsable ``nm_`` value counts as absent, so a parsable alias then applies).
     Values are clamped to each resource's minimum and to :data:`MAX_VALUE`; ``nm_enabled`` is
     normalised to 0/1. ``nm_net_max_rate`` defaults to ``node_cap_kbps`` and never exceeds it
-    (a cap that is None or not positive means "no cap").
+    (a cap that is None or not positive means "no cap"). PLC's ``cpu_cores`` (``"N"`` or
+    ``"Nb"``, ``core.cores``) sets ``nm_cpu_cores`` and ``nm_cpu_cores_besteffort`` (0/1) like an
+    alias; an unparsable one is ignored (``core.cores.cpu_cores_problems`` says why).
 
     Called for every sliver at every sync (10,000 slivers), so it does one dict lookup per
     attribute and parses only resource tags.
@@ -124,6 +129,13 @@ def rspec_from_attributes(
                 if direct is None:
                     direct = {}
                 direct[tag] = number
+        elif tag == "cpu_cores":  # PLC's "N" or "Nb" (core.cores); unparsable: ignored
+            request = parse_cpu_cores(value)
+            if isinstance(request, CoreRequest):
+                if aliased is None:
+                    aliased = {}
+                aliased["nm_cpu_cores"] = request.cores
+                aliased["nm_cpu_cores_besteffort"] = int(request.besteffort)
         else:
             alias = PLC_ALIASES.get(tag)
             if alias is not None:
@@ -146,6 +158,8 @@ def rspec_from_attributes(
             rspec[name] = MAX_VALUE
     if rspec["nm_enabled"] > 1:
         rspec["nm_enabled"] = 1
+    if rspec["nm_cpu_cores_besteffort"] > 1:
+        rspec["nm_cpu_cores_besteffort"] = 1
     if cap is not None and rspec["nm_net_max_rate"] > cap:
         rspec["nm_net_max_rate"] = cap
     return rspec

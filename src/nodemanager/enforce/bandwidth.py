@@ -26,7 +26,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..core.allocation import (
@@ -50,6 +50,8 @@ _CLASS_LINE = re.compile(
     r"class htb 1:(?P<minor>[0-9a-f]+) (?:root|parent 1:(?P<parent>[0-9a-f]+))"
     r".*? (?:quantum (?P<quantum>\d+) )?rate (?P<rate>\S+) ceil (?P<ceil>\S+)"
 )
+_STATS_CLASS = re.compile(r"class htb 1:(?P<minor>[0-9a-f]+) ")
+_SENT = re.compile(r"Sent (?P<bytes>\d+) bytes ")
 _RATE = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>[KMGT]?)bit")
 _UNITS = {"": 0.001, "K": 1, "M": 1000, "G": 1_000_000, "T": 1_000_000_000}
 
@@ -92,6 +94,36 @@ def parse_classes(text: str) -> dict[int, tuple[int | None, HtbClass]]:
         cls = HtbClass(minor, parse_rate_kbit(match.group("rate")), parse_rate_kbit(match.group("ceil")), quantum)
         result[minor] = (parent, cls)
     return result
+
+
+def parse_sent_bytes(text: str) -> dict[int, int]:
+    """``tc -s class show`` output -> minor -> the class's ``Sent N bytes`` counter. A
+    ``Sent`` line counts for the HTB class whose header precedes it; anything else (other
+    kinds of class, rates, backlog, lending figures) is skipped."""
+    result: dict[int, int] = {}
+    minor: int | None = None
+    for line in text.splitlines():
+        header = _STATS_CLASS.match(line.strip() + " ")
+        if header is not None:
+            minor = int(header.group("minor"), 16)
+            continue
+        if line.startswith("class "):
+            minor = None
+            continue
+        sent = _SENT.search(line)
+        if sent is not None and minor is not None:
+            result[minor] = int(sent.group("bytes"))
+            minor = None
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class ClassCounter:
+    """A sliver class's ``Sent`` bytes and its generation: how many times this enforcer has
+    created the class (a new class counts from 0; ``core.bwbudget.counted``)."""
+
+    sent_bytes: int
+    generation: int
 
 
 def parse_priority_map(document: str) -> dict[int, int] | None:
@@ -154,6 +186,7 @@ class BandwidthEnforcer:
         self.table = table
         self._names: dict[int, str] = {}  # uid -> sliver, from the last apply (for observed)
         self._unit = MTU_QUANTUM
+        self._created: dict[int, int] = {}  # minor -> classes created by this enforcer (counters)
 
     def set_node_cap(self, kbit: int | None) -> None:
         """The node's bandwidth cap (bwcap), kbit/s; None or <= 0: no cap (10 Gbit/s)."""
@@ -232,6 +265,7 @@ class BandwidthEnforcer:
         desired: list[tuple[str, HtbClass]] = [("1:", plan.root), (f"1:{ROOT_MINOR:x}", plan.default)]
         desired += [(f"1:{ROOT_MINOR:x}", c) for _, c in sorted(plan.slivers.items(), key=lambda kv: kv[1].minor)]
         wanted_minors = {c.minor for _, c in desired}
+        created: list[int] = []
         for minor in sorted(set(current) - wanted_minors, reverse=True):
             batch.append(f"class del dev {device} classid 1:{minor:x}")
         for parent, cls in desired:
@@ -239,11 +273,14 @@ class BandwidthEnforcer:
             parent_minor = None if parent == "1:" else int(parent.split(":")[1], 16)
             if have is not None and have == (parent_minor, as_shown(cls)):
                 continue  # tc shows rates rounded: equal as shown is equal
+            if have is None:
+                created.append(cls.minor)
             batch.append(f"class replace dev {device} parent {parent} classid {cls.classid} htb "
                          f"rate {cls.rate_kbit}kbit ceil {cls.ceil_kbit}kbit quantum {cls.quantum}")
         if batch:
             log.info("event=tc_batch device=%s lines=%d", device, len(batch))
             self.host.run(["tc", "-batch", "-"], input=("\n".join(batch) + "\n").encode())
+            self._created.update({minor: self._created.get(minor, 0) + 1 for minor in created})
         if self._priorities() != priorities:
             log.info("event=nft_replace table=%s slivers=%d", self.table, len(priorities))
             self.host.run(["nft", "-f", "-"], input=nft_script(self.table, priorities).encode())
@@ -271,6 +308,19 @@ class BandwidthEnforcer:
         if self._priorities() is not None or self.host.run(
                 ["nft", "list", "table", "inet", self.table], check=False).returncode == 0:
             self.host.run(["nft", "delete", "table", "inet", self.table])
+
+    def sent_bytes(self) -> dict[int, ClassCounter]:
+        """uid -> its class's byte counter, for every uid of the nft map whose class exists:
+        one ``tc -s class show`` and one ``nft -j list table`` for all slivers (bwmon's poll).
+        Any thread: only reads the kernel."""
+        priorities = self._priorities()
+        if not priorities:
+            return {}
+        out = self.host.run(["tc", "-s", "class", "show", "dev", self.device()]).stdout
+        sent = parse_sent_bytes((out or b"").decode("utf-8", "replace"))
+        created = dict(self._created)
+        return {uid: ClassCounter(sent[minor], created.get(minor, 0))
+                for uid, minor in sorted(priorities.items()) if minor in sent}
 
     def observed(self) -> dict[str, dict[str, int]]:
         device = self.device()

@@ -52,7 +52,7 @@ def parse_mounts(text: str) -> list[Hierarchy]:
         if fstype == "cgroup2":
             found.append(Hierarchy(Path(point), 2, frozenset()))
         elif fstype == "cgroup":
-            controllers = set(options.split(",")) & {"cpu", "memory", "freezer", "pids", "cpuacct"}
+            controllers = set(options.split(",")) & {"cpu", "memory", "freezer", "pids", "cpuacct", "cpuset"}
             found.append(Hierarchy(Path(point), 1, frozenset(controllers)))
     return found
 
@@ -134,6 +134,7 @@ class CgroupTree:
         """Create the parent groups; on v2 enable our controllers for the children. Idempotent."""
         for h in self.used():
             self.host.makedirs_owned(self.parent(h), 0, 0, 0o755)
+            self._inherit_cpuset(h, self.parent(h))
             if h.version == 2:
                 wanted = [c for c in self.controllers if c in h.controllers]
                 for where in (h.mount, self.parent(h)):
@@ -148,6 +149,17 @@ class CgroupTree:
     def ensure(self, name: str, hierarchies: Iterable[Hierarchy] | None = None) -> None:
         for h in self.used() if hierarchies is None else hierarchies:
             self.host.makedirs_owned(self.parent(h) / name, 0, 0, 0o755)
+            self._inherit_cpuset(h, self.parent(h) / name)
+
+    def _inherit_cpuset(self, h: Hierarchy, group: Path) -> None:
+        """A new v1 cpuset group has no CPUs and no memory nodes, and refuses every task until
+        it has both: give it its parent's (``enforce.cpuset`` narrows a sliver's CPUs before
+        its first process joins). v2 groups inherit by themselves. Idempotent."""
+        if h.version != 1 or "cpuset" not in h.controllers or self.read(group / "cpuset.cpus"):
+            return  # one read per call: mems are written first, so CPUs set means both are
+        for knob in ("cpuset.mems", "cpuset.cpus"):
+            if not self.read(group / knob):
+                self.host.write_text(group / knob, self.read(group.parent / knob) or "")
 
     def read(self, path: Path) -> str | None:
         raw = self.host.read_file(path)
@@ -267,11 +279,11 @@ class CgroupTree:
         if found is not None:
             self.host.write_text(found[0], found[2])
 
-    def thaw_all(self) -> list[str]:
-        """Thaw every sliver group under our parent that is frozen (or freezing); returns their
-        names. A group that cannot be thawed is logged and left."""
+    def thaw_all(self, skip: Iterable[str] = ()) -> list[str]:
+        """Thaw every sliver group under our parent that is frozen (or freezing), but those in
+        ``skip``; returns their names. A group that cannot be thawed is logged and left."""
         thawed = []
-        for name in sorted({child for h in self.used() for child in self.children(h)}):
+        for name in sorted({child for h in self.used() for child in self.children(h)} - set(skip)):
             found = self._freezer(name)
             if found is None or self.read(found[0]) == found[2]:
                 continue

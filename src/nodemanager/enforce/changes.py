@@ -16,6 +16,8 @@ from pathlib import Path
 #: enforcer name -> the RSpec resources it enforces
 RESOURCES_OF: dict[str, frozenset[str]] = {
     "cpu": frozenset({"nm_cpu_share", "nm_cpu_guaranteed_share"}),
+    # one sliver's cores move everyone's shared pool: CpusetEnforcer recomputes all whatever the names
+    "cpuset": frozenset({"nm_cpu_cores", "nm_cpu_cores_besteffort"}),
     "memory": frozenset({"nm_memory_max"}),
     "pids": frozenset({"nm_pids_max"}),
     "bandwidth": frozenset({"nm_net_min_rate", "nm_net_max_rate", "nm_net_share"}),

@@ -24,14 +24,20 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("nm_net_share", "=="),
     ("nm_disk_quota", "=="),
     ("nm_pids_max", "=="),
+    # cores no other sliver's cpuset holds; fewer when scaled (status shows the note), and a
+    # lone sliver's cores cannot be told from the shared pool
+    ("nm_cpu_cores", "<="),
 )
 #: raw kernel figures shown in brackets after the RSpec-unit value
-_RAW = {"nm_cpu_share": "cpu_weight", "nm_net_share": "htb_quantum", "nm_pids_max": "pids_current"}
+_RAW = {"nm_cpu_share": "cpu_weight", "nm_net_share": "htb_quantum", "nm_pids_max": "pids_current",
+        "nm_cpu_cores": "cpuset_cpus"}
 
 
 def _agrees(rule: str, effective: int, kernel: int) -> bool:
     if rule == ">=":
         return kernel >= effective
+    if rule == "<=":
+        return kernel <= effective
     if rule == "floor":  # HTB needs a positive rate: 0 is enforced as the floor
         return kernel >= max(FLOOR_KBIT, effective)
     return kernel == effective

@@ -41,13 +41,14 @@ from .base import Enforcer, RSpecs
 from .cgroups import CgroupTree
 from .changes import Targets, changed_slivers
 from .disk import DiskEnforcer
+from .cpuset import CpusetEnforcer
 from .limits import CpuEnforcer, MemoryEnforcer, PidsEnforcer
 from .placement import PlacementListener, Target
 from .tasks import kill_through_cgroup, stop_sliver, sweep
 
 log = logging.getLogger(__name__)
 
-_CGROUP_ENFORCERS = (CpuEnforcer, MemoryEnforcer, PidsEnforcer)
+_CGROUP_ENFORCERS = (CpuEnforcer, MemoryEnforcer, PidsEnforcer, CpusetEnforcer)
 
 
 class EnforcementSet:
@@ -88,8 +89,9 @@ class EnforcementSet:
         controllers = [c for c, on in (("cpu", e.cpu), ("memory", e.memory)) if on]
         tree = placement = None
         if controllers:
-            tree = CgroupTree(host, [*controllers, "pids", "freezer"], group=cgroup_group)
-            candidates += [cls_(tree) for cls_ in _CGROUP_ENFORCERS if cls_.name in (*controllers, "pids")]
+            cpuset = ["cpuset"] if e.cpu else []  # reserved cores (enforce.cpuset) come with enforce.cpu
+            tree = CgroupTree(host, [*controllers, *cpuset, "pids", "freezer"], group=cgroup_group)
+            candidates += [cls_(tree) for cls_ in _CGROUP_ENFORCERS if cls_.name in (*controllers, *cpuset, "pids")]
             placement = PlacementListener(host, tree)
         if e.bandwidth:
             candidates.append(BandwidthEnforcer(host, e.uplink, cap_kbit=cap_kbit, table=nft_table))
@@ -124,14 +126,15 @@ class EnforcementSet:
         for problem in self.problems():
             log.warning("event=enforcement_unavailable problem=%r", problem)
 
-    def thaw_stops_cut_short(self) -> list[str]:
+    def thaw_stops_cut_short(self, keep: Collection[str] = ()) -> list[str]:
         """At start, before any worker runs: a group of ours still frozen is a stop cut short by
         a crash (a group is frozen only inside a stop, ``enforce.tasks``). Thaw it, or the sliver
         -- and every login placed into its group -- stays frozen for ever; its processes resume,
-        or die of the SIGKILL they were sent while frozen (v1). Returns the groups thawed."""
+        or die of the SIGKILL they were sent while frozen (v1). Groups in ``keep`` (slivers a
+        lease schedule wants frozen, ``leasing``) stay frozen. Returns the groups thawed."""
         if self.tree is None:
             return []
-        thawed = self.tree.thaw_all()
+        thawed = self.tree.thaw_all(skip=keep)
         for name in thawed:
             log.warning("event=frozen_group_thawed sliver=%s reason=stop-cut-short", name)
         return thawed

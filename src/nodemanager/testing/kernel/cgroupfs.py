@@ -17,6 +17,9 @@ the mounted hierarchies behave like cgroups:
 * ``cgroup.kill`` kills every member (descendants included, frozen ones too); ``freezer.state``
   reaches FROZEN unless ``stuck_freezing``; a group with live members or child groups cannot be
   removed; v2's "no internal processes" rule holds for groups that enable controllers.
+* cpuset: a v1 group starts with blank ``cpuset.cpus``/``cpuset.mems`` and refuses tasks until
+  both are set; a v1 child's CPUs stay within its parent's (a parent cannot drop a CPU a child
+  holds); v2 groups inherit their parent's effective CPUs; the node has ``cpus`` CPUs.
 * signals wait while a process is frozen by v1's freezer (FROZEN, not FREEZING): a SIGKILL sent
   then takes effect when its group is thawed, as on v1 kernels. (v2 lets a frozen task die.)
 """
@@ -27,17 +30,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from ...core.cores import format_cpu_list, parse_cpu_list
 from ...core.errors import BackendError
 from ...enforce.cgroups import Hierarchy
 from ...hostsweep import MOUNTS_FILE
 from ..fakehost import FakeFile, FakeHost, children_of
 
 V1 = [Hierarchy(Path("/cg/cpu"), 1, frozenset({"cpu"})), Hierarchy(Path("/cg/memory"), 1, frozenset({"memory"})),
-      Hierarchy(Path("/cg/pids"), 1, frozenset({"pids"})), Hierarchy(Path("/cg/freezer"), 1, frozenset({"freezer"}))]
+      Hierarchy(Path("/cg/pids"), 1, frozenset({"pids"})), Hierarchy(Path("/cg/freezer"), 1, frozenset({"freezer"})),
+      Hierarchy(Path("/cg/cpuset"), 1, frozenset({"cpuset"}))]
 #: This project's machines: v1 controllers, a cgroup2 mount with none of ours but with cgroup.kill.
 HYBRID = [*V1, Hierarchy(Path("/cg/unified"), 2, frozenset({"hugetlb"}))]
 #: Other hosts: everything in cgroup v2.
-V2 = [Hierarchy(Path("/cg2"), 2, frozenset({"cpu", "memory", "pids", "io"}))]
+V2 = [Hierarchy(Path("/cg2"), 2, frozenset({"cpu", "memory", "pids", "io", "cpuset"}))]
 LAYOUTS = {"v1": V1, "hybrid": HYBRID, "v2": V2}
 
 #: What v1 reads back for an unlimited memory limit (PAGE_COUNTER_MAX pages).
@@ -46,7 +51,8 @@ PAGE = 4096
 PID_MAX_LIMIT = 4194304
 #: Files whose content the kernel computes (never stored).
 _COMPUTED = frozenset({"cgroup.procs", "tasks", "pids.current", "freezer.state", "cgroup.events",
-                       "cgroup.controllers", "cgroup.subtree_control"})
+                       "cgroup.controllers", "cgroup.subtree_control", "cpuset.effective_cpus",
+                       "cpuset.cpus.effective"})
 #: Interface files per controller and version, with their value in a new group.
 _V1_FILES = {
     "cpu": {"cpu.shares": "1024"},
@@ -54,11 +60,13 @@ _V1_FILES = {
                "memory.usage_in_bytes": "0"},
     "pids": {"pids.max": "max", "pids.current": ""},
     "freezer": {"freezer.state": ""},
+    "cpuset": {"cpuset.cpus": "", "cpuset.mems": "", "cpuset.effective_cpus": ""},
 }
 _V2_FILES = {
     "cpu": {"cpu.weight": "100"},
     "memory": {"memory.max": "max", "memory.current": "0"},
     "pids": {"pids.max": "max", "pids.current": ""},
+    "cpuset": {"cpuset.cpus": "", "cpuset.mems": "", "cpuset.cpus.effective": ""},
 }
 #: Files the root group of a hierarchy does not have.
 _NOT_IN_ROOT = frozenset({"pids.max", "pids.current", "freezer.state", "cgroup.events", "cgroup.freeze",
@@ -72,8 +80,10 @@ def _refuse(path: Path, why: str) -> BackendError:
 class CgroupHost(FakeHost):
     """A FakeHost whose hierarchies behave like cgroupfs (module docstring)."""
 
-    def __init__(self, hierarchies: Sequence[Hierarchy] = HYBRID, *, cgroup_kill: bool = True) -> None:
+    def __init__(self, hierarchies: Sequence[Hierarchy] = HYBRID, *, cgroup_kill: bool = True,
+                 cpus: int = 2) -> None:
         super().__init__()
+        self.cpus = cpus
         self.hierarchies = list(hierarchies)
         self.cgroup_kill = cgroup_kill
         self.stuck_freezing = False
@@ -176,6 +186,9 @@ class CgroupHost(FakeHost):
             if not root:
                 for controller in sorted(self.subtree.get(group.parent, set())):
                     files.update(_V2_FILES.get(controller, {}))
+        if root and "cpuset" in h.controllers:  # the root cpuset: every CPU (v2: read-only, effective)
+            files.update({"cpuset.cpus": f"0-{self.cpus - 1}", "cpuset.mems": "0"} if h.version == 1 else
+                         {"cpuset.cpus.effective": ""})
         for name, value in files.items():
             if root and name in _NOT_IN_ROOT:
                 continue
@@ -253,6 +266,8 @@ class CgroupHost(FakeHost):
             (self.frozen_v2.add if value == "1" else self.frozen_v2.discard)(group)
         elif name == "cgroup.subtree_control":
             self._write_subtree(path, group, h, value)
+        elif name in ("cpuset.cpus", "cpuset.mems"):
+            self._write_cpuset(path, group, h, value)
         elif name in _COMPUTED or name.endswith((".current", ".events")) or name == "memory.usage_in_bytes":
             raise _refuse(path, "Permission denied")
         else:
@@ -269,7 +284,43 @@ class CgroupHost(FakeHost):
             raise _refuse(path, "No such process")
         if h.version == 2 and group != h.mount and self.subtree.get(group):
             raise _refuse(path, "Device or resource busy")  # no internal processes
+        if h.version == 1 and "cpuset" in h.controllers and not (self.cpuset_of(group)
+                                                                  and self.cpuset_of(group, "cpuset.mems")):
+            raise _refuse(path, "No space left on device")  # a v1 cpuset without CPUs or memory nodes
         self.join(pid, group)
+
+    def _write_cpuset(self, path: Path, group: Path, h: Hierarchy, value: str) -> None:
+        try:
+            wanted = set(parse_cpu_list(value))
+        except ValueError:
+            raise _refuse(path, "Invalid argument") from None
+        limit = self.cpus if path.name == "cpuset.cpus" else 1
+        if group == h.mount or any(c >= limit for c in wanted):
+            raise _refuse(path, "Invalid argument" if group != h.mount else "Permission denied")
+        if h.version == 1:
+            if not wanted <= set(self.cpuset_of(group.parent, path.name)):
+                raise _refuse(path, "Invalid argument")  # not within the parent's
+            if any(not set(self.cpuset_of(child, path.name)) <= wanted for child in self.child_groups(group)):
+                raise _refuse(path, "Device or resource busy")  # a child holds a CPU being dropped
+            if not wanted and self.live(group):
+                raise _refuse(path, "No space left on device")
+        self.files[path] = replace(self.files[path], data=format_cpu_list(wanted).encode(), stamp=self._stamp())
+
+    def cpuset_of(self, group: Path, knob: str = "cpuset.cpus") -> tuple[int, ...]:
+        """The CPUs (or memory nodes) a group may use: v1 its own list; v2 its own list within
+        its parent's (the parent's when blank); a hierarchy root: all of them."""
+        group = Path(group)
+        h = self.hierarchy_of(group)
+        assert h is not None
+        every = tuple(range(self.cpus if knob == "cpuset.cpus" else 1))
+        if group == h.mount:
+            return every
+        data = self.files.get(group / knob)
+        own = parse_cpu_list(data.data.decode()) if data is not None else ()
+        if h.version == 1:
+            return own
+        inherited = self.cpuset_of(group.parent, knob)
+        return tuple(c for c in own if c in inherited) or inherited
 
     def _write_subtree(self, path: Path, group: Path, h: Hierarchy, value: str) -> None:
         available = self._controllers(group, h)
@@ -328,6 +379,8 @@ class CgroupHost(FakeHost):
             return f"populated {int(bool(self.live_below(group)))}\nfrozen {int(group in self.frozen_v2)}\n"
         if name == "cgroup.controllers":
             return " ".join(sorted(self._controllers(group, h))) + "\n"
+        if name in ("cpuset.effective_cpus", "cpuset.cpus.effective"):
+            return format_cpu_list(self.cpuset_of(group)) + "\n"
         return " ".join(sorted(self.subtree.get(group, set()))) + "\n"
 
     # --- processes ----------------------------------------------------------------------------
@@ -345,6 +398,11 @@ class CgroupHost(FakeHost):
         if missing:
             self._record("spawn_detached", tuple(argv), uid)
             raise BackendError(f"cannot start {argv[0]}: setsid exited with status 1 (no cgroup {missing[0]})")
+        empty = [Path(c) for c in cgroups if (h := self.hierarchy_of(Path(c))) is not None and h.version == 1
+                 and "cpuset" in h.controllers and not self.cpuset_of(Path(c))]
+        if empty:
+            self._record("spawn_detached", tuple(argv), uid)
+            raise BackendError(f"cannot start {argv[0]}: setsid exited with status 1 (cpuset {empty[0]} has no CPUs)")
         super().spawn_detached(argv, uid=uid, gid=gid, home=home, env=env, log_path=log_path, cgroups=cgroups,
                                groups=groups)
         pid = self.spawned[-1].pid

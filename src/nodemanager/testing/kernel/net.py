@@ -3,7 +3,8 @@ network stack bandwidth enforcement manages.
 
 * **tc**: per device, a root qdisc (the device's default, handle ``0:``, or an HTB with a handle
   and a default class) and the HTB's classes (rate, ceil, quantum, parent). Commands: ``tc -V``,
-  ``tc -j qdisc show dev D`` (JSON as iproute2 6.1 prints it), ``tc -d class show dev D`` (text,
+  ``tc -j qdisc show dev D`` (JSON as iproute2 6.1 prints it), ``tc -d class show dev D`` and
+  ``tc -s class show dev D`` (byte counters, :meth:`Network.send` adds to them) (text,
   rates printed as tc's ``sprint_rate`` does), ``tc -batch -`` (lines applied in order; the first
   failing line stops the batch, the earlier ones stay), ``tc class del``, ``tc qdisc del``,
   ``tc qdisc/class replace``. Kernel rules kept: replacing an existing class changes its
@@ -44,6 +45,7 @@ class TcClass:
     rate_kbit: int
     ceil_kbit: int
     quantum: int
+    sent_bytes: int = 0  # ``tc -s``'s counter: from 0 when the class is made, kept by a change
 
 
 @dataclass
@@ -155,6 +157,9 @@ class Network:
         if args[:4] == ["-j", "qdisc", "show", "dev"] and len(args) == 5:
             device = self.devices.get(args[4])
             return (1, b"", f'Cannot find device "{args[4]}"') if device is None else (0, self._qdisc_json(device), "")
+        if args[:4] == ["-s", "class", "show", "dev"] and len(args) == 5:
+            device = self.devices.get(args[4])
+            return (1, b"", f'Cannot find device "{args[4]}"') if device is None else (0, self._stats_text(device), "")
         if args[:4] == ["-d", "class", "show", "dev"] and len(args) == 5:
             device = self.devices.get(args[4])
             return (1, b"", f'Cannot find device "{args[4]}"') if device is None else (0, self._class_text(device), "")
@@ -242,6 +247,22 @@ class Network:
             lines.append(f"class htb {device.handle:x}:{minor:x} {where} {leaf}rate {rate} ceil {ceil} "
                          f"linklayer ethernet burst 1600b/1 mpu 0b cburst 1600b/1 mpu 0b level {7 if inner else 0} \n")
         return "".join(lines).encode()
+
+    def _stats_text(self, device: Device) -> bytes:
+        """``tc -s class show`` as iproute2 6.1 prints it for HTB classes."""
+        lines = []
+        for minor, cls in sorted(device.classes.items()):
+            where = "root" if cls.parent is None else f"parent {device.handle:x}:{cls.parent:x} prio 0"
+            rate, ceil = sprint_rate(cls.rate_kbit * 1000), sprint_rate(cls.ceil_kbit * 1000)
+            lines.append(f"class htb {device.handle:x}:{minor:x} {where} rate {rate} ceil {ceil} burst 1600b "
+                         f"cburst 1600b \n Sent {cls.sent_bytes} bytes {cls.sent_bytes // 1500} pkt (dropped 0, "
+                         "overlimits 0 requeues 0) \n backlog 0b 0p requeues 0\n lended: 0 borrowed: 0 giants: 0\n"
+                         " tokens: 200000 ctokens: 25000\n\n")
+        return "".join(lines).encode()
+
+    def send(self, device: str, minor: int, nbytes: int) -> None:
+        """Count ``nbytes`` as sent by class ``minor`` of ``device`` (a test's traffic)."""
+        self.devices[device].classes[minor].sent_bytes += nbytes
 
     # --- nft ----------------------------------------------------------------------------------
     def _nft(self, args: list[str], input: bytes | None) -> Answer:

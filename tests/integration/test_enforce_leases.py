@@ -1,0 +1,157 @@
+"""Leases on the real kernel: at ``t_from`` every other non-system sliver is frozen (cgroup freezer,
+its CPU time stops), the leased one and the system one keep running; at ``t_until`` the frozen
+sliver resumes with the same processes (never killed).
+
+Real accounts (prefix ``nmx``, always removed), a private cgroup parent group, the real
+``LeaseScheduler`` thread on the system clock, its schedule read from a real store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nodemanager.clock import SystemClock
+from nodemanager.core.records import AccountState, AuthorityDocument, Phase
+from nodemanager.enforce.cgroups import CgroupTree
+from nodemanager.enforce.set import EnforcementSet
+from nodemanager.enforce.tasks import kill_and_remove
+from nodemanager.host import Host
+from nodemanager.leasing import CgroupFreezer, LeaseHandler, LeaseScheduler
+from nodemanager.store import Store
+from nodemanager.testing.fakeauthority import make_sliver
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, accounts)"),
+]
+
+
+@dataclass(frozen=True)
+class Sliver:
+    name: str  # the account (and cgroup) name: "nmx" + the sliver's
+    uid: int
+    home: Path
+
+    @property
+    def sliver(self) -> str:
+        return self.name[3:]
+
+
+@pytest.fixture
+def slivers(home_root: Path) -> Iterator[list[Sliver]]:
+    made: list[Sliver] = []
+    try:
+        for _ in range(3):
+            name = f"nmxsite_{secrets.token_hex(3)}"
+            home = home_root / name
+            subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh",
+                            "--home-dir", str(home), name], check=True, capture_output=True)
+            uid = int(subprocess.run(["id", "-u", name], check=True, capture_output=True).stdout)
+            made.append(Sliver(name, uid, home))
+            home.mkdir(mode=0o700)
+            os.chown(home, uid, uid)
+        yield made
+    finally:
+        for s in made:
+            for _ in range(20):
+                if subprocess.run(["pkill", "-KILL", "-u", s.name], capture_output=True, check=False).returncode != 0:
+                    break
+                time.sleep(0.05)
+            subprocess.run(["userdel", s.name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def tree(slivers: list[Sliver]) -> Iterator[CgroupTree]:
+    host = Host()
+    t = CgroupTree(host, ("cpu", "freezer"), group=f"nmxtest{secrets.token_hex(3)}")
+    if t.missing("cpu"):
+        pytest.skip(t.missing("cpu") or "")
+    try:
+        yield t
+    finally:
+        for s in slivers:
+            if t.existing(s.name):
+                t.thaw(s.name)
+            kill_and_remove(t, s.name, s.uid)
+        for h in t.used():
+            host.remove_dir(t.parent(h))
+
+
+def ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def freezer_state(tree: CgroupTree, name: str) -> str:
+    v1 = next(h for h in tree.used() if h.version == 1 and "freezer" in h.controllers)
+    return (tree.parent(v1) / name / "freezer.state").read_text().strip()
+
+
+def test_a_lease_freezes_the_others_and_resumes_them_with_the_same_processes(
+        tree: CgroupTree, slivers: list[Sliver], tmp_path: Path) -> None:
+    if not any(h.version == 1 and "freezer" in h.controllers for h in tree.used()):
+        pytest.skip("no cgroup v1 freezer hierarchy here")
+    leased, other, system = slivers
+    tree.ensure_parents()
+    for s in slivers:
+        tree.ensure(s.name)
+        Host().spawn_detached(["/bin/sh", "-c", "while :; do :; done"], uid=s.uid, gid=s.uid, home=s.home,
+                              env={"PATH": "/usr/bin:/bin"}, log_path=s.home / "busy.log", cgroups=tree.dirs(s.name))
+    deadline = time.monotonic() + 5
+    while not all(len(tree.members_of(s.name)) == 1 for s in slivers):
+        assert time.monotonic() < deadline, "busy loops did not start"
+        time.sleep(0.02)
+    pids = {s.name: next(iter(tree.members_of(s.name))) for s in slivers}
+    store = Store(tmp_path / "s.sqlite")
+    store.open()
+    store.apply_records([make_sliver(leased.sliver), make_sliver(other.sliver),
+                         make_sliver(system.sliver, attributes=[("system", "1")])], [])
+    for s in slivers:
+        store.put_account(AccountState(name=s.sliver, uid=s.uid, owned=True, phase=Phase.RUNNING))
+    scheduler = LeaseScheduler(store, SystemClock(), freezer=CgroupFreezer(EnforcementSet([], tree=tree)),
+                               account_of=lambda name: "nmx" + name)
+    t_from = math.ceil(time.time()) + 1
+    t_until = t_from + 3
+    LeaseHandler(store, scheduler.poke).apply(AuthorityDocument(timestamp=1, node_id=1, members={
+        "reservation_policy": "lease_or_shared", "lease_granularity": 1,
+        "leases": [{"slice_id": 1, "name": leased.sliver, "t_from": t_from, "t_until": t_until}]}))
+    scheduler.start()
+    try:
+        while time.time() < t_from + 1.0:
+            assert freezer_state(tree, system.name) == "THAWED"
+            if freezer_state(tree, other.name) == "FROZEN":
+                break
+            time.sleep(0.02)
+        frozen_at = time.time()
+        assert freezer_state(tree, other.name) == "FROZEN", "not frozen within 1 s of t_from"
+        assert frozen_at - t_from < 1.0
+        print(f"frozen {frozen_at - t_from:+.3f} s after t_from")
+        before = {n: ticks(p) for n, p in pids.items()}
+        time.sleep(1.0)
+        after = {n: ticks(p) for n, p in pids.items()}
+        assert after[other.name] == before[other.name]  # its CPU time stopped
+        assert after[leased.name] > before[leased.name] and after[system.name] > before[system.name]
+        assert freezer_state(tree, leased.name) == freezer_state(tree, system.name) == "THAWED"
+        while time.time() < t_until + 1.0 and freezer_state(tree, other.name) != "THAWED":
+            time.sleep(0.02)
+        assert freezer_state(tree, other.name) == "THAWED" and time.time() - t_until < 1.0
+        print(f"thawed {time.time() - t_until:+.3f} s after t_until")
+        resumed = ticks(pids[other.name])
+        time.sleep(0.5)
+        assert ticks(pids[other.name]) > resumed  # the same process runs again
+        assert all(Path(f"/proc/{pid}").exists() for pid in pids.values())
+        assert {p for s in slivers for p in tree.members_of(s.name)} == set(pids.values())
+    finally:
+        scheduler.stop()
+        store.close()
