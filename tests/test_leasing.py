@@ -235,3 +235,74 @@ def test_through_build_node_the_hollow_node_keeps_the_schedule_of_a_file_documen
         assert "current:      site_a until" in render_status(node.store)
     finally:
         node.close()
+
+
+def test_on_thawed_names_the_released_slivers_after_their_logins_are_unlocked(node) -> None:  # type: ignore[no-untyped-def]
+    store, host, tree, clock, scheduler, handler, logins, pids, pokes, _ = node
+    calls: list[tuple[frozenset[str], dict[str, bool], bool]] = []
+    scheduler.on_thawed = lambda names: calls.append((names, dict(logins.open), any(frozen(host, tree, n) for n in names)))
+    handler.apply(document(("site_a", T0, T0 + 600), policy="lease_or_idle"))
+    scheduler.tick()  # idle: site_a and site_b frozen and locked
+    assert calls == [] and frozen(host, tree, "site_a")
+    clock.advance(10)
+    scheduler.tick()  # site_a's lease: it is thawed and unlocked, then handed on
+    assert calls == [(frozenset({"site_a"}), {"site_a": True, "site_b": False}, False)]
+    scheduler.tick()  # no change, no call
+    assert len(calls) == 1
+    scheduler.on_thawed = lambda names: 1 / 0  # a failing hook is logged, the schedule goes on
+    clock.advance(600)
+    scheduler.tick()
+    assert frozen(host, tree, "site_a") and scheduler.holder is None
+
+
+def test_a_sliver_created_while_frozen_is_started_once_its_lease_thaws_it(tmp_path: Path) -> None:
+    """Under ``lease_or_idle`` a new sliver is created frozen: its start is deferred (not done:
+    its account is locked, its group frozen), recorded as ``start_pending``, and done by its
+    worker as soon as the scheduler thaws it (``on_thawed``, wired as the daemon wires it)."""
+    from nodemanager.backends.hollow import HollowBackend
+    from nodemanager.daemon import _start_deferred
+    from nodemanager.operations import SliverOperations
+    from nodemanager.workers import WorkerPool
+
+    store = Store(tmp_path / "s.sqlite")
+    store.open()
+    clock = ManualClock(T0 - 10)
+    backend = HollowBackend()
+    pool = WorkerPool(2)
+    logins = RecordingLogins()
+
+    class GrouplessFreezer:  # a sliver never started has no group to freeze
+        def freeze(self, account: str) -> bool:
+            return False
+
+        def thaw(self, account: str) -> None:
+            pass
+
+    box: list[SliverOperations] = []
+    scheduler = LeaseScheduler(store, clock, freezer=GrouplessFreezer(), logins=logins,
+                               on_thawed=lambda names: _start_deferred(store, pool, box[0], names))
+    ops = SliverOperations(store, backend, clock, lease_frozen=scheduler.is_frozen)
+    box.append(ops)
+    try:
+        LeaseHandler(store, scheduler.poke).apply(document(("site_new", T0, T0 + 600), policy="lease_or_idle"))
+        record = make_sliver("site_new")
+        store.apply_records([record], [])
+        ops.ensure(record, start=True)
+        state = store.account("site_new")
+        assert state is not None and state.phase is Phase.STOPPED and state.start_pending
+        assert backend.calls["start"] == 0
+        ops.start("site_new")  # an API Start while frozen: deferred too
+        assert backend.calls["start"] == 0 and store.account("site_new").start_pending  # type: ignore[union-attr]
+        scheduler.tick()
+        assert logins.open == {"site_new": False} and "site_new" in scheduler.locked
+        clock.advance(10)
+        scheduler.tick()  # the lease starts: unlocked, then its deferred start queued
+        assert pool.wait_idle(5)
+        state = store.account("site_new")
+        assert state is not None and state.phase is Phase.RUNNING and not state.start_pending
+        assert backend.calls["start"] == 1 and backend.is_running("site_new")
+        ops.start_deferred("site_new")  # nothing pending any more: no second start
+        assert backend.calls["start"] == 1
+    finally:
+        pool.shutdown()
+        store.close()

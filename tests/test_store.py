@@ -143,7 +143,7 @@ def test_version_1_store_is_migrated_keeping_its_rows(db_path: Path) -> None:
             name="site_a", uid=1234, owned=True, applied="fp", phase=Phase.RUNNING, access="")
     conn = raw(db_path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     finally:
         conn.close()
 
@@ -171,6 +171,37 @@ def test_version_2_store_is_migrated_to_byte_budgets(db_path: Path) -> None:
         assert s.byte_budgets() == {a.name: a for a in rows}
         s.put_byte_budgets([replace(rows[1], used=5)], drop=["site_a"])
         assert s.byte_budgets() == {"site_b": replace(rows[1], used=5)}
+
+
+def test_version_3_store_is_migrated_to_start_pending(db_path: Path) -> None:
+    """Schema 4 added ``accounts.start_pending`` (a start deferred by a lease): a schema-3 store
+    keeps every row, reads the new column as False, and the flag round-trips through a reopening."""
+    from nodemanager.storefile import MIGRATIONS
+
+    db_path.parent.mkdir()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1], *MIGRATIONS[2]):
+        conn.execute(statement)
+    conn.execute("INSERT INTO accounts VALUES ('site_a', 1234, 1, 'fp', 'stopped', 2, 'e', 5.0, 1, 'sig')")
+    conn.execute("INSERT INTO byte_budgets VALUES ('site_a', 1.0, 7, NULL, 100, 50, NULL)")
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    with Store(db_path) as s:
+        assert s.account("site_a") == AccountState(
+            name="site_a", uid=1234, owned=True, applied="fp", phase=Phase.STOPPED, failures=2,
+            last_error="e", retry_at=5.0, create_requested=True, access="sig", start_pending=False)
+        assert s.byte_budgets()["site_a"].used == 7
+        s.put_account(replace(s.account("site_a"), start_pending=True))  # type: ignore[arg-type]
+        s.record_failure("site_a", "again", 9.0)
+    assert quarantined(db_path) == []
+    with Store(db_path) as s:
+        state = s.account("site_a")
+        assert state is not None and state.start_pending and state.failures == 3  # kept by a failure
+    conn = raw(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    finally:
+        conn.close()
 
 
 def test_newer_schema_is_refused_and_left_untouched(db_path: Path) -> None:
@@ -294,6 +325,7 @@ def test_accounts_round_trip(store: Store) -> None:
             create_requested=True,
         ),
         AccountState("site_c", uid=0, phase=Phase.DESTROYING, retry_at=0.0),
+        AccountState("site_d", uid=1235, owned=True, phase=Phase.STOPPED, start_pending=True),
     ]
     for state in states:
         store.put_account(state)
@@ -305,7 +337,7 @@ def test_accounts_round_trip(store: Store) -> None:
     assert store.account("site_b") == replaced
     store.finish_destroy("site_a")
     store.finish_destroy("site_missing")
-    assert set(store.accounts()) == {"site_b", "site_c"}
+    assert set(store.accounts()) == {"site_b", "site_c", "site_d"}
 
 
 def test_bad_account_values_raise_store_error(store: Store) -> None:

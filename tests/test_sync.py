@@ -305,3 +305,93 @@ def test_rejected_entry_does_not_delete_existing_sliver(node: Node) -> None:
     node.authority.protected = frozenset({"site_beta"})  # its new entry was invalid
     node.sync()
     assert node.names() == {"site_alpha", "site_beta"}
+
+
+# --- starts deferred by a lease --------------------------------------------------------------
+
+
+def lease_freeze(node: Node, frozen: set[str]) -> None:
+    """Make the lease schedule keep ``frozen`` frozen (what ``LeaseScheduler.is_frozen`` and
+    ``wanted_frozen`` answer), for the operations and the plan of this process."""
+    node.node.operations.lease_frozen = lambda name: name in frozen
+    node.node.syncer.frozen = lambda: frozenset(frozen)
+
+
+def test_a_sliver_created_while_frozen_is_left_stopped_and_started_when_thawed(node: Node) -> None:
+    frozen = {"site_alpha", "site_off"}
+    lease_freeze(node, frozen)
+    node.authority.publish([make_sliver("site_alpha"), make_sliver("site_off", attributes=[("nm_enabled", "0")]),
+                            make_sliver("site_free")])
+    node.sync()
+    state = node.store.account("site_alpha")
+    assert state.phase is Phase.STOPPED and state.start_pending and not node.backend.is_running("site_alpha")
+    assert node.backend.calls["start"] == 1 and node.backend.is_running("site_free")  # not frozen: started
+    # a disabled sliver's start is not deferred: it is not started at all (nm_enabled = 0)
+    assert not node.store.account("site_off").start_pending
+    assert node.store.account("site_free").start_pending is False
+    outcome = node.sync()  # still frozen: nothing to do, still not started
+    assert outcome.actions == [] and node.backend.calls["start"] == 1
+    frozen.clear()  # the lease schedule thaws it
+    outcome = node.sync()
+    assert [(a.kind.value, a.name, a.reason, a.start) for a in outcome.actions] == [
+        ("configure", "site_alpha", "deferred start", True)]
+    state = node.store.account("site_alpha")
+    assert state.phase is Phase.RUNNING and not state.start_pending and node.backend.is_running("site_alpha")
+    assert node.backend.calls["start"] == 2
+    assert node.sync().actions == []
+
+
+def test_a_deferred_start_survives_a_restart_and_runs_after_the_lease(node: Node) -> None:
+    """The durable path: the daemon is restarted after the lease ended (the thaw's prompt start
+    never ran); the first cycle -- even with the authority down -- starts the sliver."""
+    lease_freeze(node, {"site_alpha"})
+    node.authority.publish([make_sliver("site_alpha")])
+    node.sync()
+    assert node.store.account("site_alpha").start_pending
+    node.restart()
+    lease_freeze(node, set())
+    node.authority.error = AuthorityUnavailable("down")
+    outcome = node.sync()
+    assert [(a.name, a.reason) for a in outcome.actions] == [("site_alpha", "deferred start")]
+    assert node.backend.is_running("site_alpha") and not node.store.account("site_alpha").start_pending
+
+
+def test_start_and_stop_of_a_frozen_sliver(node: Node) -> None:
+    """An API Start while frozen is deferred (phase STOPPED, ``start_pending``, no backend start);
+    a Stop drops it, so the thaw's queued job does nothing; a Start after the thaw runs."""
+    frozen = {"site_alpha"}
+    lease_freeze(node, frozen)
+    node.authority.publish([make_sliver("site_alpha", instantiation=DELEGATED)])
+    node.sync()
+    ops = node.node.operations
+    ops.ensure(node.store.sliver("site_alpha"), start=False)  # Create(): left stopped
+    ops.start("site_alpha")
+    state = node.store.account("site_alpha")
+    assert state.phase is Phase.STOPPED and state.start_pending and node.backend.calls["start"] == 0
+    ops.stop("site_alpha")
+    assert not node.store.account("site_alpha").start_pending
+    frozen.clear()
+    ops.start_deferred("site_alpha")  # the thaw's job, queued before the Stop ran: nothing
+    assert node.backend.calls["start"] == 0
+    ops.start("site_alpha")
+    state = node.store.account("site_alpha")
+    assert state.phase is Phase.RUNNING and not state.start_pending and node.backend.calls["start"] == 1
+
+
+def test_the_thaw_job_starts_only_what_is_pending_and_still_thawed(node: Node) -> None:
+    frozen = {"site_alpha", "site_beta"}
+    lease_freeze(node, frozen)
+    node.authority.publish([make_sliver("site_alpha"), make_sliver("site_beta")])
+    node.sync()
+    daemon._start_deferred(node.store, node.pool, node.node.operations, ["site_alpha", "site_nope"])
+    assert node.pool.wait_idle(5)
+    assert node.backend.calls["start"] == 0  # still frozen: left pending
+    assert node.store.account("site_alpha").start_pending
+    frozen.discard("site_alpha")
+    daemon._start_deferred(node.store, node.pool, node.node.operations, ["site_alpha", "site_nope"])
+    assert node.pool.wait_idle(5)
+    assert node.backend.is_running("site_alpha") and not node.backend.is_running("site_beta")
+    assert node.store.account("site_beta").start_pending and node.backend.calls["start"] == 1
+    # a destroy forgets the pending start with the rest of the state
+    node.node.operations.destroy("site_beta")
+    assert node.store.account("site_beta") is None

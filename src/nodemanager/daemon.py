@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -143,10 +143,13 @@ def build_node(
     pool = WorkerPool(config.slivers.workers, start=False)
     metrics = NodeMetrics(store=store, queue_depth=pool.depth, backend=backend.kind)
     loop = None
-    # the lease schedule: it pokes the enforcement loop (built next) when the holder changes
+    operations: SliverOperations | None = None
+    # the lease schedule: it pokes the enforcement loop (built next) when the holder changes, and
+    # hands the slivers it thaws to their workers for the starts deferred while they were frozen
     leases = LeaseScheduler(store, clock, freezer=None if enforcement is None else CgroupFreezer(enforcement),
                             logins=_login_lock(backend), account_of=account_of,
-                            on_lease_change=lambda: loop.poke() if loop is not None else None)
+                            on_lease_change=lambda: loop.poke() if loop is not None else None,
+                            on_thawed=lambda names: _start_deferred(store, pool, operations, names))
     if enforcement is not None:
         home_root = Path(config.slivers.home_root)
         loop = EnforcementLoop(enforcement, store, home_of=lambda name: home_root / account_of(name),
@@ -166,6 +169,7 @@ def build_node(
         document_handlers=[*document_handlers_from_config(config, host=host, store=store, hollow=hollow),
                            LeaseHandler(store, on_change=leases.poke)],
         on_handler_error=metrics.handler_failed,
+        frozen=leases.wanted_frozen,
     )
     if isinstance(tickets, _Default):
         tickets = ticket_redeemer_from_config(config, store=store, operations=operations, pool=pool, clock=clock)
@@ -183,6 +187,26 @@ def build_node(
                 enforcement=enforcement, enforcement_loop=loop, operations=operations, pool=pool,
                 syncer=syncer, api=api, api_server=server, metrics=metrics, clock=clock, leases=leases,
                 bwmon=bwmon)
+
+
+def _start_deferred(store: Store, pool: WorkerPool, operations: SliverOperations | None,
+                    names: Iterable[str]) -> None:
+    """Queue, on each thawed sliver's worker, the start deferred while a lease froze it
+    (``start_pending``; ``SliverOperations.start_deferred`` re-checks it when the job runs). Its own
+    job kind, so a queued sync ``ensure`` does not replace it. Called from the lease thread."""
+    if operations is None:
+        return
+    ops = operations
+    for name in names:
+        state = store.account(name)
+        if state is None or not state.start_pending:
+            continue
+        logger.info("sliver=%s event=deferred-start-queued reason=thawed", name)
+        pool.submit(name, "start-deferred", _bound(ops.start_deferred, name))
+
+
+def _bound(run: Callable[[str], None], name: str) -> Callable[[], None]:
+    return lambda: run(name)
 
 
 def _login_lock(backend: Backend) -> AccountLoginLock | None:

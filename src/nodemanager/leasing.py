@@ -21,6 +21,9 @@ and thaws slivers at its boundaries (the meaning is :mod:`nodemanager.core.lease
   configure (e.g. the access drift the lock itself causes) keeps the lock instead of undoing it.
 * The leased sliver's effective RSpec (CPU weight, HTB ceil and rate) is raised by the
   enforcement loop (``EnforcementLoop(lease_holder=...)``): the scheduler pokes it at each change.
+* Starts asked for while a sliver is frozen are deferred by ``SliverOperations``
+  (``start_pending``); after thawing and unlocking slivers the scheduler calls ``on_thawed`` with
+  them, and the daemon queues their deferred starts on their workers (docs/leases.md).
 """
 
 from __future__ import annotations
@@ -160,14 +163,20 @@ class LeaseScheduler:
         logins: LoginLock | None = None,
         account_of: Callable[[str], str] = lambda name: name,
         on_lease_change: Callable[[], None] = lambda: None,
+        on_thawed: Callable[[frozenset[str]], None] = lambda names: None,
         tick_s: float = TICK_S,
     ) -> None:
+        """``on_thawed(names)``: called from the scheduler's thread after the slivers it froze or
+        locked were released (thawed and unlocked) and the schedule no longer freezes them (the
+        daemon starts what was deferred while they were frozen). Must be cheap; an exception it
+        raises is logged."""
         self.store = store
         self.clock = clock
         self.freezer = freezer
         self.logins = logins
         self.account_of = account_of
         self.on_lease_change = on_lease_change
+        self.on_thawed = on_thawed
         self.tick_s = tick_s
         self._schedule: LeaseSchedule | None = None
         self._lock = threading.Lock()
@@ -207,9 +216,14 @@ class LeaseScheduler:
         return found
 
     def wanted_frozen(self, now: float | None = None) -> frozenset[str]:
-        """The slivers the schedule wants frozen at ``now`` (default: the clock's now)."""
+        """The slivers the schedule wants frozen at ``now`` (default: the clock's now). Asked by
+        every sync cycle (the plan's deferred starts): on a node that is not reservable it reads
+        no sliver."""
+        schedule = self.schedule()
+        if not schedule.reservable:
+            return frozenset()
         t = self.clock.now() if now is None else now
-        return self.schedule().frozen_at(t, {n: s for n, (s, _) in self._slivers().items()})
+        return schedule.frozen_at(t, {n: s for n, (s, _) in self._slivers().items()})
 
     def is_frozen(self, name: str) -> bool:
         """Whether the schedule wants sliver ``name`` frozen now (``SliverOperations`` asks when
@@ -254,6 +268,7 @@ class LeaseScheduler:
         gone = (self.frozen | self.locked) - set(slivers)
         self.frozen -= gone
         self.locked -= gone
+        held = self.frozen | self.locked
         for name in sorted(wanted - self.locked):
             if self._set_open(name, False):
                 self.locked.add(name)
@@ -279,6 +294,13 @@ class LeaseScheduler:
         for name in sorted(self.locked - wanted):
             if self._set_open(name, slivers[name][1]):
                 self.locked.discard(name)
+        # after the unlock: a start there would be skipped on a locked account
+        released = frozenset(held - self.frozen - self.locked)
+        if released:
+            try:
+                self.on_thawed(released)
+            except Exception:  # noqa: BLE001 - a hook must not stop the schedule
+                logger.exception("event=lease-thawed-hook-failed")
 
     def _set_open(self, name: str, open_: bool) -> bool:
         if self.logins is None:

@@ -207,26 +207,32 @@ class SliverOperations:
                 "it was replaced outside the node manager and is left untouched"
             )
         rspec = self.effective_rspec(name, sliver)
-        if self.lease_frozen(name):
+        frozen = self.lease_frozen(name)
+        if frozen:
             rspec = {**rspec, LEASE_FROZEN: 1}
         access = self.backend.configure(sliver, rspec)
         phase = state.phase
+        pending = state.start_pending
         if phase not in (Phase.RUNNING, Phase.STOPPED):  # after a failure or a crash: ask
             phase = Phase.RUNNING if self.backend.is_running(name) else Phase.STOPPED
         if rspec.get("nm_enabled", 1) == 0:
-            phase = Phase.STOPPED
+            # configure stopped it, as a Stop would: a start deferred earlier is dropped too
+            phase, pending = Phase.STOPPED, False
         elif start and state.phase is Phase.RUNNING:
             # The plan asked for a start on the state it read; an operation that ran meanwhile
             # (a create still in flight when the plan was made) has started it: starting again
             # would run its initscript twice.
+            pending = False
             logger.info("sliver=%s event=start-skipped reason=already-running", name)
+        elif start and frozen:
+            phase, pending = self._defer_start(name)
         elif start:
             self.backend.start(sliver)
-            phase = Phase.RUNNING
+            phase, pending = Phase.RUNNING, False
             logger.info("sliver=%s event=started", name)
         self.store.put_account(
             replace(state, applied=sliver.fingerprint(), phase=transition(state.phase, phase), failures=0,
-                    last_error="", retry_at=0.0, access=access or "")
+                    last_error="", retry_at=0.0, access=access or "", start_pending=pending)
         )
         logger.info("sliver=%s event=configured", name)
         self._changed()
@@ -237,7 +243,8 @@ class SliverOperations:
         the account is then created afresh, never left in DESTROYING."""
         logger.warning("sliver=%s event=finishing-interrupted-destroy", name)
         self.backend.destroy(name)
-        state = replace(state, uid=None, applied="", access="", phase=transition(state.phase, Phase.ABSENT))
+        state = replace(state, uid=None, applied="", access="", start_pending=False,
+                        phase=transition(state.phase, Phase.ABSENT))
         self.store.put_account(state)
         self._changed()
         return state
@@ -249,7 +256,7 @@ class SliverOperations:
     def _destroy(self, name: str) -> None:
         state = self.store.account(name)
         if state is not None and state.owned:
-            self.store.put_account(replace(state, phase=transition(state.phase, Phase.DESTROYING)))
+            self.store.put_account(replace(state, phase=transition(state.phase, Phase.DESTROYING), start_pending=False))
             self.backend.destroy(name)
             logger.info("sliver=%s event=destroyed", name)
         self.store.finish_destroy(name)
@@ -266,6 +273,20 @@ class SliverOperations:
     def start(self, name: str) -> None:
         self._guarded(name, lambda: self._start_or_stop(name, True))
 
+    def start_deferred(self, name: str) -> None:
+        """Do the start deferred while a lease froze the sliver (``start_pending``), now that it
+        is thawed: ``ensure`` with its stored record and ``start``. Nothing when no start is
+        pending any more (a Stop, Destroy or start ran since the job was queued) or the
+        schedule froze it again (it stays pending)."""
+        state = self.store.account(name)
+        sliver = self.store.sliver(name)
+        if state is None or not state.start_pending or sliver is None:
+            return
+        if self.lease_frozen(name):
+            logger.info("sliver=%s event=start-still-deferred reason=lease", name)
+            return
+        self.ensure(sliver, start=True)
+
     def stop(self, name: str) -> None:
         self._guarded(name, lambda: self._start_or_stop(name, False))
 
@@ -279,10 +300,24 @@ class SliverOperations:
         if run:
             if self.effective_rspec(name).get("nm_enabled", 1) == 0:
                 raise NotAllowedForSliver(f"sliver {name} is disabled (nm_enabled = 0)")
+            if self.lease_frozen(name):
+                phase, pending = self._defer_start(name)
+                self.store.put_account(replace(state, phase=transition(state.phase, phase), start_pending=pending))
+                return
             self.backend.start(sliver)
         else:
             self.backend.stop(name)
         new_phase = Phase.RUNNING if run else Phase.STOPPED
-        self.store.put_account(replace(state, phase=transition(state.phase, new_phase)))
+        # a start done, or a Stop, ends any start deferred by a lease
+        self.store.put_account(replace(state, phase=transition(state.phase, new_phase), start_pending=False))
         logger.info("sliver=%s event=%s", name, "started" if run else "stopped")
+
+    def _defer_start(self, name: str) -> tuple[Phase, bool]:
+        """A start asked for while a lease keeps the sliver frozen is not done: its account is
+        locked (the backend would skip it) and a process started into its frozen cgroup would
+        freeze inside the spawn, holding this worker and the fork guard. It is recorded instead
+        (phase STOPPED, ``start_pending``) and done when the sliver is thawed: at once through
+        the scheduler's ``on_thawed`` (``start_deferred``), or by the plan's "deferred start"."""
+        logger.info("sliver=%s event=start-deferred reason=lease", name)
+        return Phase.STOPPED, True
 

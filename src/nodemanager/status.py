@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .adminkeys import status_lines as admin_keys_lines
 from .bwmon import status_lines as budget_status_lines
 from .conffiles import status_lines as conf_files_lines
+from .core.cores import cpu_cores_problems
 from .core.records import AccountState, Phase, Sliver
 from .core.rspec import rspec_from_attributes
 from .datadir import Meta
@@ -145,6 +146,9 @@ def render_resources(store: Store, enforcement: EnforcementSet | None, name_pref
         lines.append(f"  {resource:<10} {mechanism}")
     for problem in enforcement.problems():
         lines.append(f"  NOT ENFORCED: {problem}")
+    for name, sliver in sorted(store.slivers().items()):
+        for reason in cpu_cores_problems(sliver.attributes):  # an unparsable tag is ignored: say so
+            lines.append(f"  IGNORED: sliver {name}: {reason}")
     observed = observed_by_sliver(enforcement, uids, lambda name: name_prefix + name)
     rows = resource_rows(effective, observed)
     lines += ["", table(rows[1:], [h.upper() for h in rows[0]]) if len(rows) > 1 else "(no slivers)"]

@@ -231,6 +231,7 @@ class Store:
                     retry_at=float(retry_at),
                     create_requested=old.create_requested,
                     access=old.access,
+                    start_pending=old.start_pending,
                 )
                 conn.execute(UPSERT_ACCOUNT, account_row(new))
             if self._account_cache is not None:
@@ -262,7 +263,7 @@ class Store:
         with self._transaction("mark owned", durable=True) as conn:
             conn.executemany(
                 f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) "
-                f"VALUES (?, NULL, 1, '', '{Phase.ABSENT.value}', 0, '', 0.0, 0, '') "
+                f"VALUES (?, NULL, 1, '', '{Phase.ABSENT.value}', 0, '', 0.0, 0, '', 0) "
                 f"ON CONFLICT (name) DO UPDATE SET owned = 1, uid = NULL, "
                 f"phase = '{Phase.ABSENT.value}' WHERE owned = 0",
                 rows,

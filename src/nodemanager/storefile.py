@@ -80,6 +80,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             cap_kbit INTEGER
         ) STRICT""",
     ),
+    # 4: a start deferred while a lease kept the sliver frozen, done when it is thawed
+    # (``AccountState.start_pending``, docs/leases.md).
+    ("ALTER TABLE accounts ADD COLUMN start_pending INTEGER NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 TABLES = frozenset({"slivers", "accounts", "loans", "meta", "ticket_marks"})

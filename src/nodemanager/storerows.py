@@ -34,7 +34,7 @@ SLIVER_FIELDS = (
 )
 ACCOUNT_FIELDS = (
     "name", "uid", "owned", "applied", "phase", "failures", "last_error", "retry_at",
-    "create_requested", "access",
+    "create_requested", "access", "start_pending",
 )
 SLIVER_COLUMNS = ", ".join(SLIVER_FIELDS)
 ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
@@ -72,15 +72,15 @@ def sliver_from_row(row: tuple[object, ...]) -> Sliver:
 def account_row(a: AccountState) -> tuple[object, ...]:
     return (
         a.name, a.uid, int(a.owned), a.applied, Phase(a.phase).value, a.failures, a.last_error,
-        float(a.retry_at), int(a.create_requested), a.access,
+        float(a.retry_at), int(a.create_requested), a.access, int(a.start_pending),
     )
 
 
 def account_from_row(row: tuple[object, ...]) -> AccountState:
-    name, uid, owned, applied, phase, failures, last_error, retry_at, create_requested, access = row
+    name, uid, owned, applied, phase, failures, last_error, retry_at, create_requested, access, start_pending = row
     return AccountState(
         name, uid, bool(owned), applied, Phase(phase), failures,  # type: ignore[arg-type]
-        last_error, retry_at, bool(create_requested), access,  # type: ignore[arg-type]
+        last_error, retry_at, bool(create_requested), access, bool(start_pending),  # type: ignore[arg-type]
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -119,8 +119,12 @@ class Syncer:
         confirm_after: int = 2,
         document_handlers: Sequence[DocumentHandler] = (),
         on_handler_error: Callable[[str], None] = lambda name: None,
+        frozen: Callable[[], Collection[str]] = frozenset,
     ) -> None:
+        """``frozen()``: the slivers the lease schedule keeps frozen now (``leasing``); the plan
+        leaves their deferred starts pending."""
         self.store = store
+        self.frozen = frozen
         self.document_handlers = tuple(document_handlers)
         self.on_handler_error = on_handler_error
         self.backend = backend
@@ -179,6 +183,7 @@ class Syncer:
             self.clock.now(),
             may_destroy_orphans=self.authority_seen if may_destroy is None else may_destroy,
             honour_backoff=not retry_now,
+            frozen=self.frozen(),
         )
         fresh = {
             a.name for a in actions

@@ -7,7 +7,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodemanager.core.plan import Action, ActionKind, plan_actions
+from nodemanager.core.plan import REASON_DEFERRED_START, Action, ActionKind, plan_actions
 from nodemanager.core.records import (
     DELEGATED,
     NM_CONTROLLER,
@@ -18,6 +18,7 @@ from nodemanager.core.records import (
     Phase,
     Sliver,
 )
+from nodemanager.core.rspec import rspec_from_attributes
 
 NOW = 1_000_000.0
 
@@ -46,7 +47,7 @@ def owned_state(record: Sliver, **kw: object) -> AccountState:
 
 
 def plan(
-    records=(), accounts=(), observed=(), *, now: float = NOW, orphans: bool = True
+    records=(), accounts=(), observed=(), *, now: float = NOW, orphans: bool = True, frozen=()
 ) -> list[Action]:
     return plan_actions(
         {r.name: r for r in records},
@@ -54,6 +55,7 @@ def plan(
         {o.name: o for o in observed},
         now,
         may_destroy_orphans=orphans,
+        frozen=frozenset(frozen),
     )
 
 
@@ -196,6 +198,50 @@ def test_failed_sliver_is_configured_again() -> None:
     assert action.kind is ActionKind.CONFIGURE
 
 
+def test_deferred_start_is_done_once_the_lease_no_longer_freezes_it() -> None:
+    """A start asked for while a lease froze the sliver was recorded (STOPPED, ``start_pending``)
+    instead of done: the plan starts it when the schedule no longer freezes it (a daemon
+    restarted after the lease ended, or the thaw's prompt start lost), not while it does."""
+    record = sliver(instantiation=DELEGATED)
+    state = owned_state(record, phase=Phase.STOPPED, start_pending=True, create_requested=True)
+    seen = [ObservedAccount("site_a", 5000)]
+    assert plan([record], [state], seen, frozen={"site_a"}) == []
+    action = only(plan([record], [state], seen, frozen={"site_b"}))
+    assert (action.kind, action.sliver, action.reason, action.start) == (
+        ActionKind.CONFIGURE, record, REASON_DEFERRED_START, True)
+    assert REASON_DEFERRED_START == "deferred start"
+    # a changed record or access signature is applied by the same configure, which starts it
+    changed = replace(record, keys=("ssh-ed25519 BBBB new@key",))
+    action = only(plan([changed], [replace(state, access="sig")], [ObservedAccount("site_a", 5000, access="x")]))
+    assert (action.reason, action.sliver, action.start) == (REASON_DEFERRED_START, changed, True)
+    # no pending start, or not STOPPED (a RUNNING one was started since): nothing to do
+    assert plan([record], [replace(state, start_pending=False)], seen) == []
+    assert plan([record], [replace(state, phase=Phase.RUNNING)], seen) == []
+    # backoff still applies; an unwanted one is destroyed (which drops the pending start)
+    assert plan([record], [replace(state, retry_at=NOW + 1)], seen) == []
+    assert only(plan([record], [replace(state, create_requested=False)], seen)).kind is ActionKind.DESTROY
+
+
+def test_deferred_start_rides_on_retries_and_recreations_unless_frozen() -> None:
+    record = sliver(instantiation=DELEGATED)
+    pending = owned_state(record, phase=Phase.FAILED, start_pending=True, create_requested=True)
+    seen = [ObservedAccount("site_a", 5000)]
+    for phase in (Phase.FAILED, Phase.ABSENT):
+        action = only(plan([record], [replace(pending, phase=phase)], seen))
+        assert action.kind is ActionKind.CONFIGURE and action.start is True
+        assert only(plan([record], [replace(pending, phase=phase)], seen, frozen={"site_a"})).start is False
+    # vanished (drift) while STOPPED with a start pending: recreated and started
+    action = only(plan([record], [replace(pending, phase=Phase.STOPPED)]))
+    assert (action.kind, action.reason, action.start) == (ActionKind.CREATE, "account disappeared (drift)", True)
+    assert only(plan([record], [replace(pending, phase=Phase.STOPPED)], frozen={"site_a"})).start is False
+    # only its intent recorded (uid None, no account): created and started
+    action = only(plan([record], [replace(pending, uid=None, phase=Phase.ABSENT)]))
+    assert (action.kind, action.reason, action.start) == (ActionKind.CREATE, "new sliver", True)
+    # a destroy cut short drops it: created afresh as its kind is (a delegated one stopped)
+    action = only(plan([record], [replace(pending, phase=Phase.DESTROYING)], seen))
+    assert action.kind is ActionKind.CREATE and action.start is False
+
+
 def test_backoff_skips_the_name_entirely() -> None:
     record = sliver(expires=0)
     state = owned_state(record, retry_at=NOW + 1)
@@ -287,20 +333,37 @@ accounts_strategy = st.dictionaries(
         st.sampled_from(list(Phase)),
         st.sampled_from([0.0, NOW + 5]),
         st.booleans(),
+        st.booleans(),
     ),
     max_size=5,
 ).map(
     lambda d: {
-        n: AccountState(n, uid, owned, applied, phase, retry_at=retry, create_requested=req)
-        for n, (uid, owned, applied, phase, retry, req) in d.items()
+        n: AccountState(n, uid, owned, applied, phase, retry_at=retry, create_requested=req, start_pending=pend)
+        for n, (uid, owned, applied, phase, retry, req, pend) in d.items()
     }
 )
+frozen_strategy = st.frozensets(st.sampled_from(NAMES), max_size=5)
 observed_strategy = st.dictionaries(
     st.sampled_from(NAMES), st.integers(min_value=5000, max_value=5002), max_size=5
 ).map(lambda d: {n: ObservedAccount(n, uid) for n, uid in d.items()})
 
 
-def simulate(actions, records, accounts, observed):
+def started(state, phase, start, record, frozen):
+    """The phase and ``start_pending`` a perfect ``ensure`` leaves (``operations``): a disabled
+    sliver is stopped (no start pending), a start of a frozen one is deferred."""
+    pending = bool(state and state.start_pending and state.phase is not Phase.DESTROYING)
+    if rspec_from_attributes(record.attributes)["nm_enabled"] == 0:
+        return Phase.STOPPED, False
+    if not start:
+        return phase, pending
+    if state is not None and state.phase is Phase.RUNNING:
+        return phase, False  # already running: not started twice
+    if record.name in frozen:
+        return Phase.STOPPED, True
+    return Phase.RUNNING, False
+
+
+def simulate(actions, records, accounts, observed, frozen=frozenset()):
     """What a perfect worker would leave behind after carrying out ``actions``."""
     records, accounts, observed = dict(records), dict(accounts), dict(observed)
     for action in actions:
@@ -321,18 +384,23 @@ def simulate(actions, records, accounts, observed):
             accounts[name] = replace(base, phase=Phase.FAILED, retry_at=NOW + 60)
         elif action.kind is ActionKind.CREATE:
             uid = 9000 + NAMES.index(name)
+            # created afresh: never "already running"
+            base = None if state is None else replace(state, phase=Phase.ABSENT)
+            phase, pending = started(base, Phase.STOPPED, action.start, action.sliver, frozen)
             accounts[name] = AccountState(
                 name,
                 uid=uid,
                 owned=True,
                 applied=action.sliver.fingerprint(),
-                phase=Phase.RUNNING if action.start else Phase.STOPPED,
+                phase=phase,
                 create_requested=bool(state and state.create_requested),
+                start_pending=pending,
             )
             observed[name] = ObservedAccount(name, uid)
         elif action.kind is ActionKind.CONFIGURE:
             phase = state.phase if state.phase in (Phase.RUNNING, Phase.STOPPED) else Phase.STOPPED
-            accounts[name] = replace(state, applied=action.sliver.fingerprint(), phase=phase)
+            phase, pending = started(state, phase, action.start, action.sliver, frozen)
+            accounts[name] = replace(state, applied=action.sliver.fingerprint(), phase=phase, start_pending=pending)
     return records, accounts, observed
 
 
@@ -352,8 +420,29 @@ def test_planning_is_deterministic(records, accounts, observed, orphans) -> None
 
 
 @settings(max_examples=400, deadline=None)
-@given(records_strategy, accounts_strategy, observed_strategy, st.booleans())
-def test_applying_the_plan_converges(records, accounts, observed, orphans) -> None:
-    actions = plan_actions(records, accounts, observed, NOW, may_destroy_orphans=orphans)
-    after = simulate(actions, records, accounts, observed)
-    assert plan_actions(*after, NOW, may_destroy_orphans=orphans) == []
+@given(records_strategy, accounts_strategy, observed_strategy, st.booleans(), frozen_strategy)
+def test_applying_the_plan_converges(records, accounts, observed, orphans, frozen) -> None:
+    actions = plan_actions(records, accounts, observed, NOW, may_destroy_orphans=orphans, frozen=frozen)
+    after = simulate(actions, records, accounts, observed, frozen)
+    assert plan_actions(*after, NOW, may_destroy_orphans=orphans, frozen=frozen) == []
+
+
+@settings(max_examples=400, deadline=None)
+@given(records_strategy, accounts_strategy, observed_strategy, frozen_strategy)
+def test_a_deferred_start_is_never_planned_while_frozen_and_left_pending_only_while_frozen(
+    records, accounts, observed, frozen
+) -> None:
+    """Converged, a wanted settled sliver has a start pending only if the schedule freezes it;
+    and no action starts a sliver the schedule freezes for its pending start alone."""
+    actions = plan_actions(records, accounts, observed, NOW, may_destroy_orphans=True, frozen=frozen)
+    for action in actions:
+        state = accounts.get(action.name)
+        if action.name in frozen and state is not None and state.start_pending:
+            assert action.reason != REASON_DEFERRED_START
+    records2, accounts2, observed2 = simulate(actions, records, accounts, observed, frozen)
+    for name, state in accounts2.items():
+        record = records2.get(name)
+        wanted = record is not None and (record.auto_instantiated or state.create_requested)
+        if (state.start_pending and state.owned and state.retry_at <= NOW and state.phase is Phase.STOPPED
+                and wanted and name in observed2 and record.expires > NOW):
+            assert name in frozen, (name, state)

@@ -8,6 +8,7 @@ Real accounts (prefix ``nmx``, always removed), a private cgroup parent group, t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -155,3 +156,75 @@ def test_a_lease_freezes_the_others_and_resumes_them_with_the_same_processes(
     finally:
         scheduler.stop()
         store.close()
+
+
+DAEMON_PREFIX = "nmw"
+
+
+def processes_of(uid: int) -> list[int]:
+    """Live (not zombie) processes of ``uid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+            found.append(int(entry))
+    return found
+
+
+def test_a_sliver_created_frozen_is_started_when_its_lease_thaws_it(tmp_path: Path, home_root: Path) -> None:
+    """The daemon as built: under ``lease_or_idle`` a new sliver is created while the schedule
+    freezes it, so its start is deferred (no process of its uid, phase stopped, ``start_pending``);
+    when its lease starts, the scheduler thaws it and its worker starts it: its initscript runs
+    (a process of its uid) within 2 s of ``t_from``."""
+    from nodemanager.config import parse_config
+    from nodemanager.daemon import build_node
+    from nodemanager.testing.accounts import purge_accounts, uid_base_for_tests, wait_for
+
+    purge_accounts(DAEMON_PREFIX + "site_")
+    t_from = math.ceil(time.time()) + 5
+    doc = tmp_path / "slivers.json"
+    doc.write_text(json.dumps({
+        "timestamp": 1000, "node_id": 1, "reservation_policy": "lease_or_idle", "lease_granularity": 1,
+        "leases": [{"slice_id": 1, "name": "site_a", "t_from": t_from, "t_until": t_from + 120}],
+        "slivers": [{"name": "site_a", "slice_id": 1, "instantiation": "plc-instantiated",
+                     "expires": int(time.time()) + 86400, "keys": [],
+                     "attributes": [{"tagname": "initscript_code", "value": "#!/bin/sh\nexec sleep 600\n"}]}]}))
+    (tmp_path / "node_id").write_text("1\n")
+    config = parse_config({
+        "node": {"data_dir": str(tmp_path / "data"), "log_file": str(tmp_path / "nm.log")},
+        "authority": {"url": f"file://{doc}", "node_id_file": str(tmp_path / "node_id"), "poll_jitter": 0},
+        "api": {"tcp": "", "unix_socket": ""}, "metrics": {"listen": ""},
+        "slivers": {"home_root": str(home_root), "name_prefix": DAEMON_PREFIX, "stop_grace": 1,
+                    "keys_dir": str(tmp_path / "keys"), "uid_base": uid_base_for_tests(),
+                    "group": DAEMON_PREFIX + "slivers"},
+        "enforce": {"cpu": True, "memory": False, "bandwidth": False, "disk": False},
+    })
+    nm = build_node(config)
+    if nm.enforcement is None or nm.enforcement.tree is None:
+        pytest.skip("no cgroup enforcement here")
+    try:
+        nm.start()
+        assert nm.sync_once(wait=True).ok
+        assert time.time() < t_from - 1, "the sync took too long for this test's schedule"
+        state = nm.store.account("site_a")
+        assert state is not None and state.uid is not None
+        assert state.phase is Phase.STOPPED and state.start_pending
+        uid = state.uid
+        time.sleep(0.7)  # the scheduler has seen it (locked, frozen if it has a group)
+        assert processes_of(uid) == [] and nm.store.account("site_a").start_pending  # type: ignore[union-attr]
+        while time.time() < t_from:
+            time.sleep(0.02)
+        assert wait_for(lambda: processes_of(uid) != [], timeout=2.0), "the initscript did not run within 2 s"
+        print(f"initscript running {time.time() - t_from:+.3f} s after t_from")
+        assert wait_for(lambda: (s := nm.store.account("site_a")) is not None
+                        and s.phase is Phase.RUNNING and not s.start_pending, timeout=2.0)
+    finally:
+        nm.close()
+        purge_accounts(DAEMON_PREFIX + "site_")
+        subprocess.run(["groupdel", DAEMON_PREFIX + "slivers"], capture_output=True, check=False)

@@ -15,7 +15,7 @@ every source has been seen").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -33,6 +33,7 @@ REASON_REMOVED = "removed by authority"
 REASON_INTERRUPTED = "finishing an interrupted destroy, then creating it again"
 REASON_UNSETTLED = "left in a transitional phase (interrupted operation)"
 REASON_ACCESS = "lock state or keys changed outside the node manager"
+REASON_DEFERRED_START = "deferred start"
 
 
 class ActionKind(str, Enum):
@@ -81,6 +82,7 @@ def plan_actions(
     *,
     may_destroy_orphans: bool,
     honour_backoff: bool = True,
+    frozen: Collection[str] = (),
 ) -> list[Action]:
     """The ordered actions that make the machine match ``records``.
 
@@ -102,6 +104,12 @@ def plan_actions(
       keys) differs from the one recorded after the last apply -> CONFIGURE; a FAILED or
       unsettled sliver that was never applied (its creation did not complete) is started
       afterwards when auto-instantiated and enabled, as its creation would have;
+    - a start deferred by a lease (``start_pending``) of a sliver not in ``frozen`` (the names the
+      lease schedule keeps frozen now) is done: wanted, owned, observed, phase STOPPED ->
+      CONFIGURE "deferred start" with start (before the fingerprint and access rules, which it
+      covers); the CONFIGURE of a FAILED or unsettled one and the CREATE of a vanished or
+      never-created one start it too. In ``frozen`` it stays pending (a start there would only be
+      deferred again); a destroy (also one being finished) drops it;
     - an owned account with no record -> DESTROY "removed by authority", only when
       ``may_destroy_orphans`` -- except one already DESTROYING: that decision was taken on good
       data, and finishing it needs no new document.
@@ -121,24 +129,27 @@ def plan_actions(
                 append(Action(ActionKind.DESTROY, name, record, REASON_NOT_INSTANTIATED))
             continue
         seen = observed.get(name)
+        deferred = state is not None and state.start_pending and name not in frozen
         if state is not None and state.owned and state.phase is Phase.DESTROYING:
             append(Action(ActionKind.CREATE, name, record, REASON_INTERRUPTED,
                           record.auto_instantiated and _enabled(record)))
             continue
         if state is None or not state.owned or (seen is None and state.uid is None):
             # Never created yet (possibly only its intent was recorded before a crash).
-            start = record.auto_instantiated and _enabled(record)
+            start = deferred or (record.auto_instantiated and _enabled(record))
             append(Action(ActionKind.CREATE, name, record, REASON_NEW, start))
             continue
         if seen is None:
-            running = state.phase == Phase.RUNNING
+            running = state.phase == Phase.RUNNING or deferred
             append(Action(ActionKind.CREATE, name, record, REASON_DRIFT, running))
         elif state.uid is not None and seen.uid != state.uid:
             append(Action(ActionKind.CONFLICT, name, None, REASON_UID_CHANGED))
         elif state.phase is Phase.FAILED or state.phase is Phase.ABSENT:
-            start = not state.applied and record.auto_instantiated and _enabled(record)
+            start = deferred or (not state.applied and record.auto_instantiated and _enabled(record))
             reason = REASON_RETRY if state.phase is Phase.FAILED else REASON_UNSETTLED
             append(Action(ActionKind.CONFIGURE, name, record, reason, start))
+        elif deferred and state.phase is Phase.STOPPED:
+            append(Action(ActionKind.CONFIGURE, name, record, REASON_DEFERRED_START, True))
         elif state.applied != record.fingerprint():
             append(Action(ActionKind.CONFIGURE, name, record, REASON_CHANGED))
         elif state.access and seen.access != state.access:

@@ -202,6 +202,10 @@ class AccountState:
     retry_at: float = 0.0
     create_requested: bool = False
     access: str = ""
+    #: A start was asked for while a lease kept the sliver frozen: it was not started (its
+    #: account is locked, and a process started into a frozen group would freeze at once); it
+    #: is started when the lease schedule no longer freezes it (``operations``, docs/leases.md).
+    start_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
