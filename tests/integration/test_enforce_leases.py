@@ -15,7 +15,6 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from nodemanager.enforce.cgroups import CgroupTree
 from nodemanager.enforce.set import EnforcementSet
 from nodemanager.enforce.tasks import kill_and_remove
 from nodemanager.host import Host
+from nodemanager.testing.accounts import ScratchAccount, scratch_accounts
 from nodemanager.leasing import CgroupFreezer, LeaseHandler, LeaseScheduler
 from nodemanager.store import Store
 from nodemanager.testing.fakeauthority import make_sliver
@@ -37,12 +37,7 @@ pytestmark = [
 ]
 
 
-@dataclass(frozen=True)
-class Sliver:
-    name: str  # the account (and cgroup) name: "nmx" + the sliver's
-    uid: int
-    home: Path
-
+class Sliver(ScratchAccount):
     @property
     def sliver(self) -> str:
         return self.name[3:]
@@ -50,25 +45,8 @@ class Sliver:
 
 @pytest.fixture
 def slivers(home_root: Path) -> Iterator[list[Sliver]]:
-    made: list[Sliver] = []
-    try:
-        for _ in range(3):
-            name = f"nmxsite_{secrets.token_hex(3)}"
-            home = home_root / name
-            subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh",
-                            "--home-dir", str(home), name], check=True, capture_output=True)
-            uid = int(subprocess.run(["id", "-u", name], check=True, capture_output=True).stdout)
-            made.append(Sliver(name, uid, home))
-            home.mkdir(mode=0o700)
-            os.chown(home, uid, uid)
-        yield made
-    finally:
-        for s in made:
-            for _ in range(20):
-                if subprocess.run(["pkill", "-KILL", "-u", s.name], capture_output=True, check=False).returncode != 0:
-                    break
-                time.sleep(0.05)
-            subprocess.run(["userdel", s.name], capture_output=True, check=False)
+    with scratch_accounts(home_root, prefix="nmxsite_") as made:
+        yield [Sliver(a.name, a.uid, a.home) for a in made]
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from nodemanager.enforce.limits import CpuEnforcer, MemoryEnforcer
 from nodemanager.enforce.tasks import kill_and_remove
 from nodemanager.enforce.disk import DiskEnforcer
 from nodemanager.host import Host
+from nodemanager.testing.accounts import ScratchAccount, scratch_accounts
 
 pytestmark = [
     pytest.mark.root,
@@ -32,36 +32,14 @@ pytestmark = [
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-@dataclass(frozen=True)
-class Sliver:
-    name: str
-    uid: int
-    home: Path
+Sliver = ScratchAccount
 
 
 @pytest.fixture
 def slivers(home_root: Path) -> Iterator[list[Sliver]]:
     """Three real accounts with homes under ``home_root``. Always removed."""
-    made: list[Sliver] = []
-    try:
-        for _ in range(3):
-            name = f"nmx{secrets.token_hex(3)}"
-            home = home_root / name
-            subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh",
-                            "--home-dir", str(home), name], check=True, capture_output=True)
-            uid = int(subprocess.run(["id", "-u", name], check=True, capture_output=True).stdout)
-            made.append(Sliver(name, uid, home))
-            home.mkdir(mode=0o700)
-            os.chown(home, uid, uid)
+    with scratch_accounts(home_root, prefix="nmx") as made:
         yield made
-    finally:
-        for s in made:
-            for _ in range(20):
-                if subprocess.run(["pkill", "-KILL", "-u", s.name], capture_output=True, check=False).returncode != 0:
-                    break
-                time.sleep(0.05)
-            subprocess.run(["umount", "-l", str(s.home)], capture_output=True, check=False)
-            subprocess.run(["userdel", s.name], capture_output=True, check=False)
 
 
 @pytest.fixture

@@ -13,12 +13,14 @@ world-writable ``/tmp``), and a sliver group that is removed afterwards (:func:`
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..host import Host, PasswdEntry
@@ -115,3 +117,40 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class ScratchAccount:
+    """A real account made for one test: its name, uid and (existing, its own, 0700) home."""
+
+    name: str
+    uid: int
+    home: Path
+
+
+@contextmanager
+def scratch_accounts(home_root: Path, count: int = 3, prefix: str = "nmx") -> Iterator[list[ScratchAccount]]:
+    """``count`` real accounts named ``prefix`` + 6 random hex digits, each with its own group
+    and a home under ``home_root``: what the real-kernel enforcement tests run processes as.
+    Always removed afterwards, their processes killed first (a lazy unmount of the home too, for
+    tests that mounted an image there)."""
+    made: list[ScratchAccount] = []
+    try:
+        for _ in range(count):
+            name = f"{prefix}{secrets.token_hex(3)}"
+            home = home_root / name
+            subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh",
+                            "--home-dir", str(home), name], check=True, capture_output=True)
+            uid = int(subprocess.run(["id", "-u", name], check=True, capture_output=True).stdout)
+            made.append(ScratchAccount(name, uid, home))
+            home.mkdir(mode=0o700)
+            os.chown(home, uid, uid)
+        yield made
+    finally:
+        for account in made:
+            for _ in range(20):
+                if subprocess.run(["pkill", "-KILL", "-u", account.name], capture_output=True, check=False).returncode:
+                    break
+                time.sleep(0.05)
+            subprocess.run(["umount", "-l", str(account.home)], capture_output=True, check=False)
+            subprocess.run(["userdel", account.name], capture_output=True, check=False)
