@@ -2,8 +2,8 @@
 
     nodemanager [-c CONFIG] run                      the daemon (foreground; systemd runs it so)
     nodemanager [-c CONFIG] sync [--once] [--allow-mass-delete]
-    nodemanager [-c CONFIG] plan                     what a sync would do, without doing it
-    nodemanager [-c CONFIG] status                   slivers table and last sync outcome
+    nodemanager [-c CONFIG] plan [--json]            what a sync would do, without doing it
+    nodemanager [-c CONFIG] status [--resources] [--json]   slivers table and last sync outcome
     nodemanager [-c CONFIG] config show              the effective configuration (TOML)
     nodemanager [-c CONFIG] call METHOD [ARGS...]    call the API (local socket, --tcp, --ssh)
     nodemanager authority serve --data FILE [--listen HOST:PORT] [--export-cert PATH]
@@ -44,10 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--allow-mass-delete", action="store_true",
                       help="apply removals held by the safety valve at the next sync")
 
-    sub.add_parser("plan", help="print what a sync would do now, without doing it")
+    plan = sub.add_parser("plan", help="print what a sync would do now, without doing it")
+    plan.add_argument("--json", action="store_true", help="print a JSON document instead (docs/json.md)")
     sub.add_parser("health", help="one line and exit 0 (ok) or 1 (unhealthy): daemon, store, last sync, API")
+    sub.add_parser("doctor", help="check every precondition of the node, read-only: exit 0 (all OK), 1 (WARN), 2 (FAIL)")
     status = sub.add_parser("status", help="print the slivers and the last sync's outcome")
     status.add_argument("--resources", action="store_true", help="also show effective resources")
+    status.add_argument("--json", action="store_true", help="print a JSON document instead (docs/json.md)")
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
@@ -164,6 +167,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         outcome, actions = node.plan()
     finally:
         node.close()
+    if args.json:
+        from .statusjson import dumps, plan_document
+
+        print(dumps(plan_document(outcome, actions)))
+        return 0
     print(f"authority document: timestamp {outcome.document_timestamp}, {outcome.slivers} slivers, "
           f"{outcome.rejected} rejected")
     for rejection in outcome.rejections:
@@ -184,7 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .daemon import build_node
     from .datadir import Meta
     from .logsetup import configure_logging
-    from .status import render_resources, render_status
+    from .status import collect_resources, collect_status, render_resources, render_status
 
     config = _config(args)
     configure_logging(None, foreground=True, level=logging.ERROR)
@@ -192,14 +200,22 @@ def cmd_status(args: argparse.Namespace) -> int:
                       **({} if args.resources else {"enforcement": None}))
     node.attach()
     try:
-        print(render_status(node.store))
+        if not args.json:
+            print(render_status(node.store))
         if args.resources:
             enforcement = node.enforcement
             if enforcement is not None and node.store.get_meta(Meta.BACKEND) != "hollow":
                 enforcement.probe()
             else:
                 enforcement = None
-            print(render_resources(node.store, enforcement, config.slivers.name_prefix))
+            if not args.json:
+                print(render_resources(node.store, enforcement, config.slivers.name_prefix))
+        if args.json:
+            from .statusjson import dumps, status_document
+
+            resources = collect_resources(node.store, enforcement, config.slivers.name_prefix) \
+                if args.resources else None
+            print(dumps(status_document(collect_status(node.store), resources)))
     finally:
         node.close()
     return 0
@@ -215,6 +231,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     report = check_health(_config(args))
     print(report.line)
     return report.exit_code
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .core.doctor import exit_code, render
+    from .doctor import run_checks
+    from .logsetup import configure_logging
+
+    configure_logging(None, foreground=True, level=logging.CRITICAL)  # the lines say it all
+    checks = run_checks(_config(args))
+    print(render(checks))
+    return exit_code(checks)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -260,6 +287,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "status": cmd_status,
     "health": cmd_health,
+    "doctor": cmd_doctor,
     "config": cmd_config,
     "authority": cmd_authority,
 }

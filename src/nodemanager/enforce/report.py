@@ -9,6 +9,7 @@ settings are not one-to-one with their RSpec value: a CPU weight raised for a gu
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ..core.allocation import FLOOR_KBIT
 
@@ -43,6 +44,43 @@ def _agrees(rule: str, effective: int, kernel: int) -> bool:
     return kernel == effective
 
 
+@dataclass(frozen=True, slots=True)
+class ResourceFact:
+    """One (sliver, resource) comparison. ``effective``/``kernel`` are None when that side has
+    no value; ``raw`` is the kernel's own figure behind ``kernel`` (name, value) where there is
+    one; ``agree`` is ``ok``, ``diff`` or ``stray``, None when nothing in the kernel enforces it."""
+
+    sliver: str
+    resource: str
+    effective: int | None
+    kernel: int | None
+    raw: tuple[str, int] | None
+    agree: str | None
+
+
+def resource_facts(effective: Mapping[str, Mapping[str, int]],
+                   observed: Mapping[str, Mapping[str, int]]) -> list[ResourceFact]:
+    """One fact per (sliver, resource) for every sliver in either mapping, sorted (the rows of
+    :func:`resource_rows`, as values)."""
+    facts = []
+    for name in sorted(set(effective) | set(observed)):
+        eff = effective.get(name, {})
+        obs = observed.get(name, {})
+        for resource, rule in _RULES:
+            if resource not in eff and resource not in obs:
+                continue
+            raw_name = _RAW.get(resource)
+            raw = (raw_name, obs[raw_name]) if resource in obs and raw_name and raw_name in obs else None
+            if resource not in obs:
+                agree = None
+            elif resource not in eff:
+                agree = "stray"
+            else:
+                agree = "ok" if _agrees(rule, eff[resource], obs[resource]) else "diff"
+            facts.append(ResourceFact(name, resource, eff.get(resource), obs.get(resource), raw, agree))
+    return facts
+
+
 def resource_rows(effective: Mapping[str, Mapping[str, int]],
                   observed: Mapping[str, Mapping[str, int]]) -> list[list[str]]:
     """Header + one row per (sliver, resource) for every sliver in either mapping, sorted.
@@ -51,25 +89,11 @@ def resource_rows(effective: Mapping[str, Mapping[str, int]],
     or unavailable, or the sliver is unknown to the kernel); ``agree`` is then ``-``. A sliver
     the kernel knows but the RSpecs do not shows ``-`` as effective and ``stray``."""
     rows = [list(HEADER)]
-    for name in sorted(set(effective) | set(observed)):
-        eff = effective.get(name, {})
-        obs = observed.get(name, {})
-        for resource, rule in _RULES:
-            if resource not in eff and resource not in obs:
-                continue
-            e_text = str(eff[resource]) if resource in eff else "-"
-            if resource in obs:
-                k_text = str(obs[resource])
-                raw = _RAW.get(resource)
-                if raw and raw in obs:
-                    k_text += f" ({raw.replace('_', ' ')} {obs[raw]})"
-            else:
-                k_text = "-"
-            if resource not in obs:
-                agree = "-"
-            elif resource not in eff:
-                agree = "stray"
-            else:
-                agree = "ok" if _agrees(rule, eff[resource], obs[resource]) else "DIFF"
-            rows.append([name, resource, e_text, k_text, agree])
+    for fact in resource_facts(effective, observed):
+        k_text = "-" if fact.kernel is None else str(fact.kernel)
+        if fact.raw is not None:
+            k_text += f" ({fact.raw[0].replace('_', ' ')} {fact.raw[1]})"
+        agree = {None: "-", "diff": "DIFF"}.get(fact.agree, fact.agree)
+        rows.append([fact.sliver, fact.resource, "-" if fact.effective is None else str(fact.effective),
+                     k_text, str(agree)])
     return rows
