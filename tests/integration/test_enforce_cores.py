@@ -124,3 +124,34 @@ def test_a_reserved_core_is_owned_by_its_sliver(tree: CgroupTree, slivers: list[
     assert used[a.name] >= 0.2
     if len(cpusets[b.name]) == 1:  # a 2-CPU node: B and C share the one core left, evenly
         assert abs(used[b.name] - used[c.name]) <= 0.2 and used[b.name] + used[c.name] <= 1.05
+
+
+def test_a_sliver_cannot_move_itself_onto_a_reserved_core(tree: CgroupTree, slivers: list[Sliver]) -> None:
+    """The hostile sliver's try: B, a real unprivileged account inside its cgroups, asks the
+    kernel for A's reserved core (``taskset``, i.e. sched_setaffinity). The cpuset refuses it:
+    the affinity a process may set is bounded by its cgroup's cpuset, which B cannot write."""
+    a, b, _ = slivers
+    h = tree.hierarchy_for("cpuset")
+    assert h is not None
+    enforcement = EnforcementSet([], tree=tree, candidates=[CpuEnforcer(tree), CpusetEnforcer(tree)])
+    enforcement.probe()
+    rspecs = {s.name: rspec_from_attributes([("cpu_cores", "1")] if s is a else []) for s in slivers}
+    for s in slivers:
+        enforcement.prepare_sliver(s.name, s.uid, rspecs[s.name])
+    enforcement.apply_all(rspecs, {s.name: s.uid for s in slivers})
+    (reserved,) = parse_cpu_list(tree.read(tree.parent(h) / a.name / "cpuset.cpus") or "")
+    cpuset_file = tree.parent(h) / b.name / "cpuset.cpus"
+    before = tree.read(cpuset_file)
+    script = (f"taskset -pc {reserved} $$ >/dev/null 2>&1; echo affinity=$?; "
+              f"echo {reserved} > {cpuset_file} 2>/dev/null; echo cpuset=$?")
+    log = b.home / "escape.log"
+    Host().spawn_detached(["/bin/sh", "-c", script], uid=b.uid, gid=b.uid, home=b.home,
+                          env={"PATH": "/usr/bin:/bin"}, log_path=log, cgroups=tree.dirs(b.name))
+    deadline = time.monotonic() + 5
+    while "cpuset=" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the sliver's script did not run"
+        time.sleep(0.05)
+    text = log.read_text()
+    outcome = dict(line.split("=", 1) for line in text.splitlines() if line.startswith(("affinity=", "cpuset=")))
+    assert outcome["affinity"] != "0" and outcome["cpuset"] != "0", text
+    assert tree.read(cpuset_file) == before and reserved not in parse_cpu_list(before or "")
