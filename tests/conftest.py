@@ -67,3 +67,22 @@ def _restore_root_logging() -> Iterator[None]:
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_parent_cgroups_left() -> Iterator[None]:
+    """The daemon tests run real daemons with enforcement, which make the parent groups
+    ``nodemanager`` in every hierarchy (the daemon leaves them: a running node needs them). A
+    test session leaves the machine as it found it: groups it made are removed when empty
+    (``rmdir`` refuses a group with members or children, so nothing in use is touched)."""
+    root = Path("/sys/fs/cgroup")
+    existed = set(root.glob("*/nodemanager")) | set(root.glob("nodemanager"))
+    yield
+    if os.geteuid() != 0:
+        return
+    for group in set(root.glob("*/nodemanager")) | set(root.glob("nodemanager")):
+        if group not in existed:
+            try:
+                group.rmdir()
+            except OSError:
+                pass
