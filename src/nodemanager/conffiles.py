@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from .core.conffiles import (
     MAX_FILE_BYTES,
@@ -41,7 +40,7 @@ from .core.conffiles import (
     source_url,
     validate_entries,
 )
-from .authority.client import read_capped_body
+from .authority.client import http_connection, read_capped_body
 from .core.errors import AuthorityUnavailable, BackendError, ConfigError, DocumentRejected
 from .core.records import AuthorityDocument
 from .datadir import Meta
@@ -77,15 +76,8 @@ class HttpSourceFetcher:
             raise ConfigError(f"authority.ca_file {ca_file}: cannot load CA certificates: {exc}") from exc
 
     def __call__(self, url: str) -> bytes:
-        parts = urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         deadline = time.monotonic() + self.timeout
-        connection: http.client.HTTPConnection
-        if parts.scheme == "https":
-            connection = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=self.timeout,
-                                                     context=self._context)
-        else:
-            connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.timeout)
+        connection, target = http_connection(url, self.timeout, self._context)
         try:
             connection.connect()
             sock: Any = connection.sock

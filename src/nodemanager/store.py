@@ -91,6 +91,8 @@ class Store:
         self._sliver_cache: dict[str, Sliver] | None = None
         self._account_cache: dict[str, AccountState] | None = None
         self._loan_cache: dict[str, tuple[Loan, ...]] | None = None
+        #: Byte accounting (``bwmon``): read by every enforcement pass, written by one poller.
+        self._budget_cache: dict[str, Accounting] | None = None
         #: Held by every read-decide-write of sliver records by different writers (a sync's
         #: merge, a ticket's redemption), so neither decides on records the other is changing.
         self.records_lock = threading.RLock()
@@ -114,7 +116,7 @@ class Store:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            self._sliver_cache = self._account_cache = self._loan_cache = None
+            self._sliver_cache = self._account_cache = self._loan_cache = self._budget_cache = None
 
     def __enter__(self) -> Store:
         return self
@@ -386,10 +388,13 @@ class Store:
     # --- daily byte budgets (bwmon) ---
     def byte_budgets(self) -> dict[str, Accounting]:
         """Every sliver's byte accounting (also of slivers gone, until their period ends)."""
-        with self._transaction("read byte budgets", write=False) as conn:
-            rows = conn.execute(f"SELECT {BUDGET_COLUMNS} FROM byte_budgets").fetchall()
-        with self._converting("unreadable byte budget"):
-            return {row[0]: budget_from_row(row) for row in rows}
+        with self._lock:
+            if self._budget_cache is None:
+                with self._transaction("read byte budgets", write=False) as conn:
+                    rows = conn.execute(f"SELECT {BUDGET_COLUMNS} FROM byte_budgets").fetchall()
+                with self._converting("unreadable byte budget"):
+                    self._budget_cache = {row[0]: budget_from_row(row) for row in rows}
+            return dict(self._budget_cache)
 
     def put_byte_budgets(self, rows: Iterable[Accounting], drop: Iterable[str] = ()) -> None:
         """Write ``rows`` and delete the accounting of ``drop``, in one transaction (a power
@@ -399,9 +404,11 @@ class Store:
         names = [(name,) for name in drop]
         if not values and not names:
             return
-        with self._transaction("write byte budgets") as conn:
-            conn.executemany(UPSERT_BUDGET, values)
-            conn.executemany("DELETE FROM byte_budgets WHERE name = ?", names)
+        with self._lock:
+            with self._transaction("write byte budgets") as conn:
+                conn.executemany(UPSERT_BUDGET, values)
+                conn.executemany("DELETE FROM byte_budgets WHERE name = ?", names)
+            self._budget_cache = None  # re-read once: rows are few and written once per poll
 
     # --- status ---
     def counts(self) -> dict[str, int]:

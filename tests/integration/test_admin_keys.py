@@ -216,3 +216,27 @@ def test_sync_through_build_node_with_real_accounts(account: PasswdEntry, tmp_pa
         assert keys_path(account).read_bytes() == render_block([K2])
     finally:
         node.close()
+
+
+def test_the_account_itself_racing_its_ssh_dir_never_gets_root_to_write_elsewhere(
+        account: PasswdEntry, store: Store, home_root: Path) -> None:
+    """The attacker is the managed account (site_admin is a person, not root): running as its own
+    uid, it swaps ``~/.ssh`` between a real directory and a link to a root-owned directory as fast
+    as it can while the handler writes the block again and again. Root must never write through
+    the link: the root-owned directory stays empty, whatever the interleaving."""
+    victim = home_root / "root-owned"
+    victim.mkdir(mode=0o755)
+    home = Path(account.home)
+    swapper = subprocess.Popen(
+        ["/bin/sh", "-c", f"cd {home} && while :; do rm -rf .ssh; mkdir .ssh; rm -rf .ssh; ln -s {victim} .ssh; done"],
+        user=account.uid, group=account.gid, extra_groups=[], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    handler = AdminKeys(Host(), store, [account.name])
+    try:
+        for i in range(150):
+            handler.apply(doc([{"name": account.name, "keys": [K1 if i % 2 else K2]}], timestamp=100 + i))
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert os.listdir(victim) == []
+    assert os.stat(victim).st_uid == 0 and os.stat(victim).st_mode & 0o777 == 0o755

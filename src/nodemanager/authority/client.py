@@ -174,16 +174,8 @@ class AuthorityClient:
 
     def _http(self, method: str, url: str, payload: bytes | None) -> bytes:
         """One HTTP exchange with a whole-response deadline; transient failures -> _TransientError."""
-        parts = urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         deadline = time.monotonic() + self.timeout
-        connection: http.client.HTTPConnection
-        if parts.scheme.lower() == "https":
-            connection = http.client.HTTPSConnection(
-                parts.hostname or "", parts.port, timeout=self.timeout, context=self._ssl_context
-            )
-        else:
-            connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.timeout)
+        connection, target = http_connection(url, self.timeout, self._ssl_context)
         headers = {"User-Agent": USER_AGENT}
         if payload is not None:
             headers["Content-Type"] = "text/xml"
@@ -208,6 +200,17 @@ class AuthorityClient:
             if response is not None:
                 response.close()
             connection.close()
+
+
+def http_connection(url: str, timeout: float,
+                    context: ssl.SSLContext | None) -> tuple[http.client.HTTPConnection, str]:
+    """An unopened connection to ``url``'s host (HTTPS verified with ``context``) and the request
+    target (path and query). Shared by the authority client and the conf-files fetch."""
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if parts.scheme.lower() == "https":
+        return http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=context), target
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout), target
 
 
 def read_capped_body(response: http.client.HTTPResponse, sock: Any, deadline: float, max_bytes: int,
