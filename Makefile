@@ -5,11 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-deps bench crash fuzz venv clean
+.PHONY: demo test test-deps bench crash fuzz venv deb clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	test -x $(PY) || scripts/need-venv $(PYTHON_SYS)
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -25,6 +26,12 @@ test: test-deps $(STAMP)
 
 test-deps:
 	@scripts/install-test-deps
+
+# The Debian package, dist/nodemanager_<version>-1_<arch>.deb: the program in a virtualenv under
+# /usr/lib/nodemanager made from /usr/bin/python3, the unit, logrotate, the sshd drop-in and the
+# example configuration (README "Debian package"). Downloads the pinned wheels once (build/deb/wheels).
+deb: $(STAMP)
+	scripts/build-deb --python $(PY)
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -21,6 +21,8 @@ def main() -> int:
     runs.append([str(HERE / "restart_bench.py"), "--sizes", "10000"])
     runs.append([str(HERE / "parse_bench.py")])
     runs.append([str(HERE / "api_bench.py")])
+    runs += [[str(HERE / "fleet_bench.py"), "--nodes", str(n)] for n in (1000, 10000)]
+    runs.append([str(HERE / "authority_wait_bench.py"), "--nodes", "10000"])
     if shutil.which("gpgv") and shutil.which("gpg"):
         runs.append([str(HERE / "pgp_ticket_bench.py")])
     else:
@@ -28,8 +30,10 @@ def main() -> int:
     if os.geteuid() == 0:
         runs.append([str(HERE / "accounts_bench.py")])
         runs.append([str(HERE / "placement_bench.py")])
+        runs.append([str(HERE / "change_bench.py")])
     else:
-        print("# accounts and placement benchmarks skipped: need root (real accounts, cgroups)", flush=True)
+        print("# accounts, placement and change-to-login benchmarks skipped: need root (real accounts, cgroups, "
+              "sshd)", flush=True)
     for argv in runs:
         failed |= subprocess.run([sys.executable, *argv], env=env, check=False).returncode
     return 1 if failed else 0

@@ -37,6 +37,7 @@ EXTENSIONS = {
     "bwmon.daily_thresh_percent": 80,
     "bwmon.period": 86400,
     "bwmon.poll_interval": 30.0,
+    "authority.blocking_wait": 300,
 }
 
 
@@ -77,6 +78,9 @@ def test_example_file_equals_defaults() -> None:
         ({"bwmon": {"period": 0}}, "bwmon.period"),
         ({"bwmon": {"poll_interval": 0}}, "bwmon.poll_interval"),
         ({"bwmon": {"daily_max_kbyte": -1}}, "bwmon.daily_max_kbyte"),
+        ({"authority": {"blocking_wait": -1}}, "authority.blocking_wait"),
+        ({"authority": {"blocking_wait": 601}}, "authority.blocking_wait"),
+        ({"authority": {"blocking_wait": "300"}}, "authority.blocking_wait"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, key: str) -> None:

@@ -309,3 +309,17 @@ def test_ticket_rejections_are_counted_by_reason(reason: TicketReason) -> None:
     with pytest.raises(TicketRejected, match=f"^{reason.value}: details$"):
         redeemer.redeem("<ticket/>", ANONYMOUS)
     assert value(metrics, "nodemanager_ticket_rejections_total", reason=reason.label) == 1.0
+
+
+def test_http_exporter_answers_head_and_refuses_other_methods() -> None:
+    from nodemanager.http.client import request
+
+    metrics = NodeMetrics()
+    host, port = metrics.start_http("127.0.0.1:0")  # type: ignore[misc]
+    try:
+        head = request(f"http://{host}:{port}/metrics", method="HEAD", timeout=5, max_body=1 << 20)
+        assert head.status == 200 and head.body == b"" and int(head.headers["content-length"]) > 0
+        post = request(f"http://{host}:{port}/metrics", method="POST", body=b"x", timeout=5, max_body=1 << 20)
+        assert post.status == 405 and post.headers["allow"] == "GET, HEAD"
+    finally:
+        metrics.stop()

@@ -49,7 +49,8 @@ STATUS = {
     "schema": int,
     "generated_at": (int, float),
     "node": {"backend": OPT_STR, "hollow": bool, "bwcap_kbps": OPT_INT, "sshd": STATE, "enforcement": STATE},
-    "sync": {"last_sync": OPT_NUM, "outcome": OPT_STR, "last_good_sync": OPT_NUM, "authority_timestamp": OPT_INT},
+    "sync": {"last_sync": OPT_NUM, "outcome": OPT_STR, "last_good_sync": OPT_NUM, "authority_timestamp": OPT_INT,
+             "authority_watch": {"mode": OPT_STR, "detail": OPT_STR}},
     "safety_valve": {"held": [str], "seen": int},
     "slivers": [SLIVER],
     "problems": [{"kind": str, "name": OPT_STR, "message": str}],
@@ -142,6 +143,7 @@ def rich_store(path: Path) -> Store:
         Meta.LAST_OUTCOME: "authority unavailable: no route", Meta.AUTHORITY_TIMESTAMP: "1699990000",
         Meta.BWCAP: "100000", Meta.SSHD: "AuthorizedKeysFile is not root-owned",
         Meta.ENFORCEMENT: "cpu: not enforced ([enforce] cpu = false)",
+        Meta.AUTHORITY_WATCH: "watching: blocking queries of up to 300 s",
     })
     accounts = [
         AccountState("site_run", uid=200001, owned=True, phase=Phase.RUNNING),
@@ -221,7 +223,8 @@ def test_the_values_are_the_stored_facts(store: Store) -> None:
                            "enforcement": {"state": "not-enforced",
                                            "detail": "cpu: not enforced ([enforce] cpu = false)"}}
     assert doc["sync"] == {"last_sync": NOW - 60, "outcome": "authority unavailable: no route",
-                           "last_good_sync": NOW - 3600, "authority_timestamp": 1699990000}
+                           "last_good_sync": NOW - 3600, "authority_timestamp": 1699990000,
+                           "authority_watch": {"mode": "watching", "detail": "blocking queries of up to 300 s"}}
     assert doc["safety_valve"] == {"held": ["site_x", "site_y"], "seen": 1}
     admin = {a["name"]: a for a in doc["admin_keys"]["accounts"]}
     assert doc["admin_keys"]["confirm_after"] == 2
@@ -250,6 +253,8 @@ def test_text_and_json_state_the_same_facts(store: Store) -> None:
     head, table, count = text.split("\n\n")
     assert count == f"{len(doc['slivers'])} sliver(s)"
     assert f"authority data: timestamp {doc['sync']['authority_timestamp']}" in head
+    watch = doc["sync"]["authority_watch"]
+    assert f"authority:      {watch['mode']} ({watch['detail']})" in head
     assert f"backend:        {doc['node']['backend']}" in head
     assert f"SAFETY VALVE:   {len(doc['safety_valve']['held'])} removals held" in head
     assert f"SSHD NOT SET UP: {doc['node']['sshd']['detail']}" in head
@@ -270,7 +275,8 @@ def test_a_fresh_store_gives_nulls_not_missing_keys(tmp_path: Path) -> None:
     with Store(tmp_path / "nm.sqlite") as empty:
         doc = status_document(collect_status(empty, NOW))
     check(doc, STATUS)
-    assert doc["sync"] == {"last_sync": None, "outcome": None, "last_good_sync": None, "authority_timestamp": None}
+    assert doc["sync"] == {"last_sync": None, "outcome": None, "last_good_sync": None, "authority_timestamp": None,
+                           "authority_watch": {"mode": None, "detail": None}}
     assert doc["node"]["backend"] is None and doc["node"]["sshd"] == {"state": None, "detail": None}
     assert doc["admin_keys"] == {"confirm_after": None, "accounts": []}
     assert doc["conf_files"]["time"] is None and doc["conf_files"]["entries"] == []

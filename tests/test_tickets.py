@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from nodemanager.authority.signing import (
+from nodemanager.plc.signing import (
     SigningIdentity,
     load_or_create_identity,
     sign_document,

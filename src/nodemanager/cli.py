@@ -6,8 +6,9 @@
     nodemanager [-c CONFIG] status [--resources] [--json]   slivers table and last sync outcome
     nodemanager [-c CONFIG] config show              the effective configuration (TOML)
     nodemanager [-c CONFIG] call METHOD [ARGS...]    call the API (local socket, --tcp, --ssh)
-    nodemanager authority serve --data FILE [--listen HOST:PORT] [--export-cert PATH]
+    nodemanager authority serve --data FILE [--listen HOST:PORT] [--export-cert PATH] [--max-connections N]
     nodemanager authority ticket SLICE --data FILE [--node N]... [--ttl DURATION]
+    nodemanager fleet simulate --authority URL --nodes N [...]   hollow nodes against an authority
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     serve = authority_sub.add_parser("serve", help="serve GetSlivers and slices.xml from a TOML file")
     serve.add_argument("--data", type=Path, required=True, help="TOML file of nodes and slices")
     serve.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
-    from .authority.ticketcli import add_export_cert_option, add_ticket_parser
+    serve.add_argument("--max-connections", type=int, default=20_000, metavar="N",
+                       help="open connections served at once, held blocking queries included (default 20000)")
+    from .plc.ticketcli import add_export_cert_option, add_ticket_parser
 
     add_export_cert_option(serve)
     add_ticket_parser(authority_sub)
+    from .fleetcli import add_fleet_parser
+
+    add_fleet_parser(sub)
     return parser
 
 
@@ -78,10 +84,11 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import build_node
-    from .logsetup import configure_logging, reopen
+    from .logsetup import configure_logging, log_destination, reopen
 
     config = _config(args)
-    for problem in configure_logging(config.node.log_file, foreground=not args.quiet):
+    log_file = log_destination(config.node.log_file, explicit="node.log_file" in config.explicit)
+    for problem in configure_logging(log_file, foreground=not args.quiet):
         logger.error("event=logging-problem detail=%s", problem)
     node = build_node(config)
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
@@ -251,11 +258,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_authority(args: argparse.Namespace) -> int:
     if args.authority_command == "ticket":
-        from .authority.ticketcli import cmd_authority_ticket
+        from .plc.ticketcli import cmd_authority_ticket
 
         return cmd_authority_ticket(args)
-    from .authority.server import serve
-    from .authority.signing import export_certificate
+    from .plc.server import serve
+    from .plc.signing import export_certificate
     from .logsetup import configure_logging
 
     configure_logging(None, foreground=True)
@@ -270,8 +277,16 @@ def cmd_authority(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    serve(args.data, address.host, address.port, stop=stop)
+    if args.max_connections < 1:
+        raise ConfigError("--max-connections must be at least 1")
+    serve(args.data, address.host, address.port, stop=stop, max_connections=args.max_connections)
     return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from .fleetcli import cmd_fleet as fleet
+
+    return fleet(args)
 
 
 def cmd_call(args: argparse.Namespace) -> int:
@@ -290,6 +305,7 @@ COMMANDS = {
     "doctor": cmd_doctor,
     "config": cmd_config,
     "authority": cmd_authority,
+    "fleet": cmd_fleet,
 }
 
 

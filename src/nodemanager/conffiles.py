@@ -2,7 +2,7 @@
 
 The decisions (validation, the confinement of ``dest``, the step plan) are pure and live in
 :mod:`nodemanager.core.conffiles`; this adapter does the effects, through the :class:`Host` seam
-for files and commands and ``http.client`` for the fetch (as :mod:`.authority.client` does: TLS
+for files and commands and :mod:`nodemanager.http.client` for the fetch (as :mod:`.authority.client` does: TLS
 verified against ``authority.ca_file`` when set, else the system CAs; no redirects, no proxy
 variables, a whole-response deadline and a size cap).
 
@@ -17,14 +17,13 @@ Every entry's outcome is logged, recorded in the store (``Meta.CONF_FILES``, JSO
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .core.conffiles import (
     MAX_FILE_BYTES,
@@ -40,7 +39,8 @@ from .core.conffiles import (
     source_url,
     validate_entries,
 )
-from .authority.client import http_connection, read_capped_body
+from .http.client import ClientTimeout, HttpClientError, ResponseTooLarge
+from .http.client import request as http_request
 from .core.errors import AuthorityUnavailable, BackendError, ConfigError, DocumentRejected
 from .core.records import AuthorityDocument
 from .datadir import Meta
@@ -76,24 +76,18 @@ class HttpSourceFetcher:
             raise ConfigError(f"authority.ca_file {ca_file}: cannot load CA certificates: {exc}") from exc
 
     def __call__(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.timeout
-        connection, target = http_connection(url, self.timeout, self._context)
         try:
-            connection.connect()
-            sock: Any = connection.sock
-            connection.request("GET", target, headers={"User-Agent": "nodemanager"})
-            response = connection.getresponse()
-            if response.status != 200:
-                raise AuthorityUnavailable(f"HTTP {response.status} {response.reason}")
-            return read_capped_body(response, sock, deadline, self.max_bytes, "source")
-        except ssl.SSLCertVerificationError as exc:
-            raise AuthorityUnavailable(f"TLS certificate verification failed: {exc.verify_message}") from exc
-        except TimeoutError as exc:
+            response = http_request(url, method="GET", headers=(("User-Agent", "nodemanager"),),
+                                    timeout=self.timeout, max_body=self.max_bytes, ssl_context=self._context)
+        except ResponseTooLarge as exc:
+            raise DocumentRejected(f"source is over the {self.max_bytes}-byte cap ({exc})") from exc
+        except ClientTimeout as exc:
             raise AuthorityUnavailable(f"no complete answer within {self.timeout:g} s") from exc
-        except (OSError, http.client.HTTPException) as exc:
-            raise AuthorityUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            connection.close()
+        except HttpClientError as exc:  # refused, reset, TLS verification, malformed
+            raise AuthorityUnavailable(str(exc)) from exc
+        if response.status != 200:
+            raise AuthorityUnavailable(f"HTTP {response.status}")
+        return response.body
 
 
 class ConfFilesHandler:

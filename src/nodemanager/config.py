@@ -40,6 +40,8 @@ class AuthoritySection(_Section):
     poll_interval: int = 600
     poll_jitter: int = 300
     timeout: int = 30
+    #: Seconds a blocking query asks the authority to hold (0: never use them, poll only).
+    blocking_wait: int = 300
 
 
 class SyncSection(_Section):
@@ -108,7 +110,12 @@ class BwmonSection(_Section):
     poll_interval: float = 30.0
 
 
-class Config(_Section):
+class Config(_Section, dict=True):
+    """The whole configuration. ``explicit`` (not a key, not compared) names the keys the file set.
+
+    ``dict=True`` gives instances a ``__dict__`` for that one undeclared attribute, so that two
+    configurations with the same values stay equal however they were written."""
+
     node: NodeSection = msgspec.field(default_factory=NodeSection)
     authority: AuthoritySection = msgspec.field(default_factory=AuthoritySection)
     sync: SyncSection = msgspec.field(default_factory=SyncSection)
@@ -124,6 +131,15 @@ class Config(_Section):
     @property
     def data_dir(self) -> Path:
         return Path(self.node.data_dir)
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        """The ``section.key`` names the configuration file set, even to their default value.
+
+        Why: a default can mean "not chosen" (``node.log_file``: under systemd the journal is used
+        unless the operator set a file, see logsetup). Set by :func:`parse_config` only; a
+        ``Config()`` or a ``msgspec.structs.replace`` copy has none."""
+        return self.__dict__.get("_explicit", frozenset())
 
 
 BACKENDS = ("account", "hollow")
@@ -151,6 +167,8 @@ def _check(config: Config) -> None:
         problems.append(("authority.poll_jitter", "must not be negative"))
     if a.timeout < 1:
         problems.append(("authority.timeout", "must be at least 1 second"))
+    if not 0 <= a.blocking_wait <= 600:
+        problems.append(("authority.blocking_wait", "must be between 0 (poll only) and 600 seconds"))
     if not 0.0 < s.max_delete_fraction <= 1.0:
         problems.append(("sync.max_delete_fraction", "must be in (0, 1]"))
     if s.confirm_after < 1:
@@ -220,6 +238,8 @@ def parse_config(data: dict[str, Any], origin: str = "<config>") -> Config:
             raise ConfigError(f"{origin}: unknown configuration key {full}") from exc
         raise ConfigError(f"{origin}: configuration key {key or '?'}: {message.split(' - at')[0]}") from exc
     _check(config)
+    msgspec.structs.force_setattr(config, "_explicit", frozenset(
+        f"{section}.{key}" for section, keys in data.items() if isinstance(keys, dict) for key in keys))
     return config
 
 

@@ -25,7 +25,9 @@ from typing import Final
 
 from .api.methods import NodeManagerApi, TicketRedeemer, caller_resolver
 from .api.server import ApiServer
+from .authority.blocking import offers_blocking
 from .authority.client import AuthorityClient, next_poll_delay
+from .authority.watch import AuthorityWatcher
 from .bwmon import ByteBudgetMonitor
 from .backends.base import Backend
 from .clock import Clock, SystemClock
@@ -123,7 +125,10 @@ def build_node(
     ``None`` disables enforcement); ``fetch`` to the authority client of ``[authority]``;
     ``tickets`` to the verifier of ``authority.ticket_cert`` (``None``: tickets refused);
     ``store`` to an unopened store in ``node.data_dir`` (the crash simulation passes one that
-    can die at a commit). Nothing is started or opened: see :meth:`Node.start`."""
+    can die at a commit). With the authority client of ``[authority]`` (no ``fetch`` given) and
+    ``authority.blocking_wait`` > 0, the node also gets the watcher that keeps a blocking query
+    open to an authority offering them (:mod:`.authority.watch`). Nothing is started or opened:
+    see :meth:`Node.start`."""
     clock = clock or SystemClock()
     host = host or Host()
     datadir = DataDir(config.data_dir)
@@ -161,9 +166,20 @@ def build_node(
     operations = SliverOperations(store, backend, clock, node_cap_kbps=cap,
                                   on_change=loop.poke if loop is not None else None,
                                   on_failure=metrics.sliver_failed, lease_frozen=leases.is_frozen)
+    node: Node | None = None
+    watcher = None
+    if fetch is None:
+        client = AuthorityClient.from_config(config)
+        fetch = client.fetch
+        if config.authority.blocking_wait > 0 and offers_blocking(config.authority.url):
+            watcher = AuthorityWatcher(
+                client, wait=config.authority.blocking_wait,
+                on_change=lambda: node.poll_now() if node is not None else None,
+                on_outcome=metrics.authority_wait, on_mode=_watch_mode_recorder(store, metrics, config),
+            )
     syncer = Syncer(
         store=store, backend=backend, operations=operations, pool=pool,
-        fetch=fetch if fetch is not None else AuthorityClient.from_config(config).fetch,
+        fetch=fetch,
         clock=clock, max_delete_fraction=config.sync.max_delete_fraction,
         confirm_after=config.sync.confirm_after,
         document_handlers=[*document_handlers_from_config(config, host=host, store=store, hollow=hollow),
@@ -183,10 +199,32 @@ def build_node(
     if config.api.tcp or config.api.unix_socket:
         server = ApiServer(api.dispatch_deferred, tcp=config.api.tcp, unix_socket=config.api.unix_socket,
                            max_request_bytes=config.api.max_request_bytes, on_request=metrics.api_request)
-    return Node(config=config, datadir=datadir, store=store, host=host, backend=backend, cap=cap,
+    node = Node(config=config, datadir=datadir, store=store, host=host, backend=backend, cap=cap,
                 enforcement=enforcement, enforcement_loop=loop, operations=operations, pool=pool,
                 syncer=syncer, api=api, api_server=server, metrics=metrics, clock=clock, leases=leases,
-                bwmon=bwmon)
+                bwmon=bwmon, watcher=watcher)
+    return node
+
+
+def _watch_mode_recorder(store: Store, metrics: NodeMetrics, config: Config) -> Callable[[bool], None]:
+    """The watcher's ``on_mode``: the gauge, and the line ``status`` shows (from its thread)."""
+    a = config.authority
+
+    def record(watching: bool) -> None:
+        metrics.authority_mode(watching)
+        store.set_meta({Meta.AUTHORITY_WATCH: f"watching: blocking queries of up to {a.blocking_wait} s"
+                        if watching else "polling: the authority sent no index (it offers no blocking queries)"})
+
+    return record
+
+
+def _polling_reason(config: Config) -> str:
+    """Why a node without a watcher only polls (``status``)."""
+    if config.authority.blocking_wait == 0:
+        return "polling: authority.blocking_wait = 0"
+    if not offers_blocking(config.authority.url):
+        return "polling: this source (a file, or slivers.json) offers no blocking queries"
+    return "polling: no authority client of its own (a replaced fetch)"
 
 
 def _start_deferred(store: Store, pool: WorkerPool, operations: SliverOperations | None,
@@ -237,6 +275,7 @@ class _Running:
     metrics: bool = False
     leases: bool = False
     bwmon: bool = False
+    watcher: bool = False
 
 
 class Node:
@@ -251,6 +290,7 @@ class Node:
         operations: SliverOperations, pool: WorkerPool, syncer: Syncer, api: NodeManagerApi,
         api_server: ApiServer | None, metrics: NodeMetrics, clock: Clock,
         leases: LeaseScheduler | None = None, bwmon: ByteBudgetMonitor | None = None,
+        watcher: AuthorityWatcher | None = None,
     ) -> None:
         self.config = config
         self.datadir = datadir
@@ -269,6 +309,7 @@ class Node:
         self.clock = clock
         self.leases = leases
         self.bwmon = bwmon
+        self.watcher = watcher
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
         self._running = _Running()
@@ -426,9 +467,12 @@ class Node:
             if not self._running.locked:
                 self.start()
             logger.info("event=daemon-started backend=%s workers=%d", self.backend.kind, self.pool.workers)
+            self._start_watcher()
             sd_notify("READY=1")
             while not self.stop_event.is_set():
                 outcome = self.sync_once(wait=False)
+                if self.watcher is not None:
+                    self.watcher.poke()  # the document may have brought (or dropped) an index
                 failures = 0 if outcome.ok else failures + 1
                 if failures:
                     delay = backoff_delay(failures, FAILED_POLL_RETRY_S, float(a.poll_interval), random.random)
@@ -438,6 +482,16 @@ class Node:
                 self.wake_event.clear()
         finally:
             self.close()
+
+    def _start_watcher(self) -> None:
+        """Start the blocking-query watcher beside the sync loop (or record why there is none)."""
+        self._running.watcher = True  # close() clears the status line: no daemon, no watching
+        if self.watcher is None:
+            self.metrics.authority_mode(False)
+            self.store.set_meta({Meta.AUTHORITY_WATCH: _polling_reason(self.config)})
+            return
+        self.store.set_meta({Meta.AUTHORITY_WATCH: "polling: no document with an index yet"})
+        self.watcher.start()
 
     def _sleep(self, delay: float) -> None:
         """Wait ``delay`` seconds or until woken, in short slices. Python runs signal handlers
@@ -459,6 +513,13 @@ class Node:
             return
         logger.info("event=daemon-stopping action=finishing-in-flight-operations")
         sd_notify("STOPPING=1")
+        if running.watcher:
+            if self.watcher is not None:
+                self.watcher.stop()  # gives up its blocking query at once
+            try:
+                self.store.set_meta({Meta.AUTHORITY_WATCH: ""})
+            except NodeManagerError as exc:
+                logger.error("event=store-unwritable-at-stop error=%s", exc)
         if running.metrics:
             self.metrics.stop()
         if running.api and self.api_server is not None:

@@ -53,6 +53,9 @@ class Meta:
     #: The newest document's lease schedule (JSON of ``core.leases.LeaseSchedule``: policy,
     #: granularity, accepted and refused leases): boundaries are kept from it (``leasing``).
     LEASES = "leases"
+    #: Whether the running daemon watches the authority with blocking queries ("watching: ...")
+    #: or only polls it ("polling: why"); "" before a daemon said. Shown by ``status``.
+    AUTHORITY_WATCH = "authority_watch"
     #: Written by ``nodemanager health`` to prove the store is writable.
     HEALTH_PROBE = "health_probe"
 

@@ -1,15 +1,22 @@
 """``make demo``: the bundled authority and the daemon against it, on this machine.
 
 Starts the bundled authority on a loopback port with a copy of ``examples/demo-slices.toml`` in
-``.demo/slices.toml`` (and its ticket-signing key), writes a node identity and configuration there, runs the daemon and prints the status table after
-every sync, until Ctrl-C (or ``--seconds``). As root it creates real accounts named
-``demo<slice>`` and removes them on exit; otherwise it uses the hollow backend and says so.
-Edit ``.demo/slices.toml`` while it runs: the next poll (every ~15 s) shows the change.
+``.demo/slices.toml`` (and its ticket-signing key), writes a node identity and configuration
+there and runs the daemon until Ctrl-C (or ``--seconds``): the status table once, after the first
+sync, then after each sync only what changed (slivers added, removed, started, stopped,
+reconfigured, RSpec or keys changed: one line each with the time; a ``.`` when nothing did).
+As root it creates real accounts named ``demo<slice>`` and removes them on exit; otherwise it uses
+the hollow backend and says so. As root with sshd installed it also generates a key pair in
+``.demo/``, gives its public key to one demo slice, runs a private sshd on a loopback port and
+prints the ``ssh`` line that logs into that sliver (:mod:`nodemanager.demologin`); otherwise it
+says why there is no login line. Edit ``.demo/slices.toml`` while it runs: the next poll (every
+~15 s, or at once on ``kill -USR1``) shows the change.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import shutil
@@ -19,14 +26,16 @@ import threading
 import time
 from pathlib import Path
 
-from .authority.server import AuthorityServer
-from .authority.signing import export_certificate
+from .plc.server import AuthorityServer
+from .plc.signing import export_certificate
 from .config import Config, parse_config
 from .core.errors import AuthorityUnavailable
 from .core.records import AuthorityDocument
 from .daemon import build_node
 from .logsetup import configure_logging
-from .status import render_status
+from .demologin import DemoLogin, add_key, login_slice, login_unavailable
+from .status import collect_status, render_status
+from .statuschanges import SliverSnapshot, describe_changes, snapshot
 
 DEMO_PREFIX = "demo"
 #: The demo slivers' group (a real node's is ``slivers``); removed with the demo's accounts.
@@ -34,7 +43,7 @@ DEMO_GROUP = "demoslivers"
 BANNER = "=" * 78
 
 
-def demo_config(work: Path, authority_url: str, *, real: bool) -> Config:
+def demo_config(work: Path, authority_url: str, *, real: bool, keys_dir: Path | None = None) -> Config:
     return parse_config({
         "node": {"data_dir": str(work / "data"), "log_file": str(work / "nodemanager.log")},
         "authority": {
@@ -53,7 +62,7 @@ def demo_config(work: Path, authority_url: str, *, real: bool) -> Config:
             "name_prefix": DEMO_PREFIX,
             "stop_grace": 2,
             # the demo's own keys directory and sliver group: nothing of a real node's is touched
-            "keys_dir": str(work / "authorized_keys"),
+            "keys_dir": str(keys_dir or work / "authorized_keys"),
             "group": DEMO_GROUP,
         },
         # CPU and memory cgroups are harmless on a workstation; shaping its uplink or mounting
@@ -108,11 +117,26 @@ def main(argv: list[str] | None = None) -> int:
     # The authority serves a copy, so its signing key is generated in .demo/, not in examples/.
     slices = work / "slices.toml"
     shutil.copyfile(args.slices, slices)
+    login, login_line = None, login_unavailable(real)
+    if login_line is None:
+        try:
+            login = DemoLogin(work, DEMO_GROUP)
+            atexit.register(login.close)  # sshd and its keys go even if the demo fails to start
+            target = login_slice(slices)
+            add_key(slices, target, login.make_key())
+            login.start()
+            login_line = "login: " + login.command(DEMO_PREFIX + target, Path.cwd())
+        except (OSError, RuntimeError, ValueError) as exc:
+            if login is not None:
+                login.close()
+            login, login_line = None, f"no login line: {exc}"
+    else:
+        login_line = f"no login line: {login_line}"
     export_certificate(slices, work / "authority.pem")
     authority = AuthorityServer(slices, "127.0.0.1", 0)
     port = authority.start()
     url = f"http://127.0.0.1:{port}/PLCAPI/"
-    config = demo_config(work, url, real=real)
+    config = demo_config(work, url, real=real, keys_dir=login.keys_dir if login else None)
     print(BANNER)
     print(f"bundled authority: {url}  (data: {slices}: edit it, the next poll shows the change)")
     if real:
@@ -123,24 +147,44 @@ def main(argv: list[str] | None = None) -> int:
     print(f"log: {work / 'nodemanager.log'}   Ctrl-C to stop")
     print(f"API: .venv/bin/nodemanager call --socket {work / 'api.sock'} GetXIDs")
     print(f"tickets: .venv/bin/nodemanager authority ticket demo_deleg --data {slices}")
+    print(login_line + ("   (once the first sync has created the account)" if login else ""))
     print(BANNER, flush=True)
 
     node = build_node(config)
 
+    seen: dict[str, dict[str, SliverSnapshot]] = {}  # "last": the slivers at the previous sync
+
     def show(outcome) -> None:  # noqa: ANN001 - SyncOutcome
         node.pool.wait_idle(60)
-        print(f"\n--- sync at {time.strftime('%H:%M:%S')}: {outcome.summary()}")
-        print(render_status(node.store), flush=True)
+        current = snapshot(collect_status(node.store).slivers)
+        if "last" not in seen:
+            print(f"\n--- sync at {time.strftime('%H:%M:%S')}: {outcome.summary()}")
+            print(render_status(node.store))
+            print("--- from now on: only what changes, one line each ('.' = a sync that changed nothing)",
+                  flush=True)
+        else:
+            changes = describe_changes(seen["last"], current)
+            if changes:
+                stamp = time.strftime("%H:%M:%S")
+                print("\n" + "\n".join(f"{stamp} {line}" for line in changes), flush=True)
+            else:
+                print(".", end="", flush=True)
+        seen["last"] = current
 
     node.on_sync.append(show)
+    signal.signal(signal.SIGUSR1, lambda *_: node.poll_now())
     signal.signal(signal.SIGINT, lambda *_: node.stop())
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
-    if args.seconds:
-        threading.Timer(args.seconds, node.stop).start()
+    if args.seconds:  # a daemon thread: a Ctrl-C or SIGTERM before then must not wait for it
+        timer = threading.Timer(args.seconds, node.stop)
+        timer.daemon = True
+        timer.start()
     try:
         node.run()
     finally:
         authority.stop()
+        if login is not None:
+            login.close()  # ends the demo's ssh sessions before their accounts go
         if real:
             removed = remove_demo_accounts(config)
             print(f"\nremoved demo accounts: {', '.join(DEMO_PREFIX + n for n in removed) or 'none'}")

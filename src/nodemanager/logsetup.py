@@ -1,7 +1,9 @@
 """The one logging set-up: logfmt-style lines to the log file and, in the foreground, stderr.
 
 With no log file (``node.log_file = ""``, or one that cannot be opened) the lines go to stderr
-even with ``run --quiet``. When stderr is the systemd journal (``JOURNAL_STREAM`` names stderr's
+even with ``run --quiet``. Under systemd the daemon logs to the journal only unless the
+configuration sets ``node.log_file`` itself (:func:`log_destination`): the contract's default file
+is used outside systemd, or when an operator writes it down. When stderr is the systemd journal (``JOURNAL_STREAM`` names stderr's
 device and inode, as systemd sets it for a unit's stdout/stderr), each line carries the
 sd-daemon(3) ``<N>`` prefix so that the journal records the level as its priority
 (``journalctl -p warning``), and no timestamp (the journal has its own).
@@ -54,6 +56,20 @@ def stderr_is_journal(environ: dict[str, str] | None = None, fd: int | None = No
         return (st.st_dev, st.st_ino) == (int(device), int(inode))
     except (OSError, ValueError, AttributeError):  # closed/replaced stderr, malformed variable
         return False
+
+
+def log_destination(log_file: str, *, explicit: bool, environ: dict[str, str] | None = None,
+                    fd: int | None = None) -> str:
+    """The log file the daemon opens: ``""`` (stderr only) when stderr is the journal and the
+    configuration did not set ``node.log_file``; otherwise ``log_file`` unchanged.
+
+    Why: a unit's stderr already reaches the journal with priorities, rotation and retention; a
+    second copy in /var/log would double the disk writes and be the one nobody reads. An operator
+    who wants the file (the original's ``/var/log/pl_node_mgr.log``, for existing tooling) writes
+    it down, even with its default value, and gets it as before."""
+    if not explicit and stderr_is_journal(environ, fd):
+        return ""
+    return log_file
 
 
 def configure_logging(log_file: str | None, *, foreground: bool = True, level: int = logging.INFO) -> list[str]:

@@ -21,23 +21,21 @@ unknown API method names become ``other``, ticket rejection reasons and enforcer
 onto fixed sets. Every metric name starts with ``nodemanager_``.
 
 Thread-safety: every method may be called from any thread (prometheus_client's metrics lock
-themselves); the HTTP exporter runs on its own daemon thread.
+themselves); the HTTP exporter (the project's HTTP server core) runs its event loop on its own
+daemon thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-import threading
-from socketserver import ThreadingMixIn
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -58,6 +56,8 @@ from .core.errors import (
     TicketReason,
 )
 from .core.records import AccountState, ValveState
+from .http.framing import Request, Response
+from .http.server import HttpServer
 from .datadir import Meta
 from .leasing import LeaseCollector
 
@@ -89,6 +89,8 @@ FAILURE_KINDS: tuple[tuple[type[BaseException], str], ...] = (
     (StoreError, "store"),
     (NodeManagerError, "other"),
 )
+#: Outcomes of a blocking query (``nodemanager_authority_waits_total{outcome}``, authority.watch).
+WAIT_OUTCOMES = ("changed", "not_modified", "error")
 #: API method label for names that are not API methods (bounded cardinality).
 OTHER_METHOD = "other"
 
@@ -202,24 +204,10 @@ class _StateCollector(Collector):
         yield conf_files
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr: scrapes every few seconds would drown the daemon's log."""
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass
-
-
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """One daemon thread per scrape: a slow scraper never blocks another or the shutdown."""
-
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        logger.debug("event=metrics-scrape-error peer=%s", client_address, exc_info=True)
-
-
-class _V6WSGIServer(_ThreadingWSGIServer):
-    address_family = socket.AF_INET6
+#: Open scrape connections at once; one more is answered 503 (scrapers are few).
+MAX_SCRAPE_CONNECTIONS = 64
+#: Seconds a scraper has to send its request (and may stay idle between scrapes).
+SCRAPE_READ_TIMEOUT = 10.0
 
 
 class NodeMetrics:
@@ -239,8 +227,8 @@ class NodeMetrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._now = now
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: HttpServer | None = None
+        self._address: tuple[str, int] | None = None
         r = self.registry
         info = Gauge("nodemanager_build_info", "Version and backend of this node manager",
                      ["version", "backend"], registry=r)
@@ -295,6 +283,15 @@ class NodeMetrics:
         )
         for label in DOCUMENT_HANDLERS:
             self.handler_errors.labels(label)
+        self.authority_blocking = Gauge(
+            "nodemanager_authority_blocking",
+            "1 while the node watches the authority with blocking queries, 0 while it only polls", registry=r,
+        )
+        self.authority_waits = Counter(
+            "nodemanager_authority_waits", "Blocking queries to the authority by outcome", ["outcome"], registry=r,
+        )
+        for label in WAIT_OUTCOMES:
+            self.authority_waits.labels(label)
         r.register(_StateCollector(store, queue_depth))
         if store is not None:
             r.register(LeaseCollector(store, now))
@@ -325,6 +322,14 @@ class NodeMetrics:
             self.valve_trips.inc()
         if outcome.rejected:
             self.rejected_entries.inc(outcome.rejected)
+
+    def authority_mode(self, watching: bool) -> None:
+        """The watcher started (True) or stopped (False) using blocking queries."""
+        self.authority_blocking.set(1 if watching else 0)
+
+    def authority_wait(self, outcome: str) -> None:
+        """One finished blocking query; ``outcome`` is one of :data:`WAIT_OUTCOMES`."""
+        self.authority_waits.labels(outcome if outcome in WAIT_OUTCOMES else "error").inc()
 
     def handler_failed(self, name: str) -> None:
         """The sync's ``on_handler_error`` hook: one document handler failed unexpectedly."""
@@ -360,45 +365,50 @@ class NodeMetrics:
     @property
     def address(self) -> tuple[str, int] | None:
         """``(host, port)`` actually bound while serving (the real port when 0 was asked)."""
-        if self._server is None:
-            return None
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._address if self._server is not None else None
 
     def start_http(self, listen: str) -> tuple[str, int] | None:
         """Serve the text format on ``listen`` ("HOST:PORT"; "" disables) from a daemon thread.
 
-        Returns the bound address, or None when disabled. Raises ConfigError for a malformed
-        address and OperationFailed-like ``NodeManagerError`` when the port cannot be bound."""
+        The project's HTTP server core (:mod:`nodemanager.http.server`) answers GET and HEAD on
+        any path with the exposition; the collection runs in a worker thread so a slow store
+        read never stalls the loop. Returns the bound address, or None when disabled. Raises
+        ConfigError for a malformed address and ``NodeManagerError`` when the port cannot be
+        bound."""
         address = parse_listen(listen)
         if address is None:
             return None
         if self._server is not None:
             raise RuntimeError("metrics exporter already started")
         host, port = address
-        server_class = _V6WSGIServer if ":" in host else _ThreadingWSGIServer
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            server = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
+            sock = socket.create_server((host, port), family=family, backlog=MAX_SCRAPE_CONNECTIONS)
         except OSError as exc:
             raise NodeManagerError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="nm-metrics", daemon=True)
-        self._thread.start()
-        bound = self.address
-        logger.info("event=metrics-listening address=%s", bound)
-        return bound
+        bound = sock.getsockname()[:2]
+        server = HttpServer(self._scrape, methods=("GET", "HEAD"), max_request_bytes=0,
+                            read_timeout=SCRAPE_READ_TIMEOUT, max_connections=MAX_SCRAPE_CONNECTIONS, name="metrics")
+        server.add_listener(sock, "metrics")
+        try:
+            server.start()
+        except Exception as exc:
+            sock.close()
+            raise NodeManagerError(f"cannot serve metrics on {listen}: {exc}") from exc
+        self._server, self._address = server, (str(bound[0]), int(bound[1]))
+        logger.info("event=metrics-listening address=%s", self._address)
+        return self._address
+
+    async def _scrape(self, request: Request, body: bytes, peer: object) -> Response:
+        payload = await asyncio.to_thread(self.render)
+        return Response(200, payload, CONTENT_TYPE_LATEST.encode("ascii"))
 
     def stop(self) -> None:
         """Stop the exporter (idempotent; nothing to do when it was never started)."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(5.0)
+        server = self._server
+        self._server = None
+        if server is not None:
+            server.stop(grace=1.0)
 
 
 def _safe_meta(store: StoreView, key: str) -> str:

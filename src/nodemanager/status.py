@@ -141,6 +141,15 @@ def _row(fact: SliverFacts, now: float) -> list[str]:
     ]
 
 
+def watch_line(raw: str) -> str:
+    """The stored ``authority_watch`` meta as ``status`` shows it: "watching (...)", "polling
+    (...)", or that no daemon says (it is cleared when the daemon stops)."""
+    mode, _, detail = raw.partition(": ")
+    if mode not in ("watching", "polling"):
+        return "- (no daemon running)"
+    return f"{mode} ({detail})" if detail else mode
+
+
 @dataclass(frozen=True, slots=True)
 class StatusFacts:
     """What ``status`` shows, read once from the store: the text and the JSON form are both
@@ -162,6 +171,8 @@ class StatusFacts:
     schedule: LeaseSchedule
     slivers: list[SliverFacts]
     budgets: dict[str, Accounting]
+    #: "watching: ..." (blocking queries), "polling: why", or "" (no daemon running).
+    authority_watch: str = ""
 
 
 def collect_status(store: Store, now: float | None = None) -> StatusFacts:
@@ -184,6 +195,7 @@ def collect_status(store: Store, now: float | None = None) -> StatusFacts:
         schedule=load_schedule(store),
         slivers=sliver_facts(store.slivers(), store.accounts(), now, cap),
         budgets=store.byte_budgets(),
+        authority_watch=store.get_meta(Meta.AUTHORITY_WATCH, ""),
     )
 
 
@@ -197,6 +209,7 @@ def render_status(store: Store, now: float | None = None) -> str:
         f"last good sync: {_when(facts.last_good, now)}",
         f"authority data: timestamp {facts.authority_timestamp or '-'}"
         + (f", node cap {_rate(cap)}bit/s" if cap else ""),
+        f"authority:      {watch_line(facts.authority_watch)}",
     ]
     sshd = facts.sshd
     if sshd and sshd != "ok":

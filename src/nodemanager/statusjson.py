@@ -80,6 +80,15 @@ def _state(raw: str, problem: str) -> dict[str, Any]:
     return {"state": "none" if raw.startswith("none:") else problem, "detail": raw}
 
 
+def _watch(raw: str) -> dict[str, Any]:
+    """How the running daemon learns of changes: ``{"mode": "watching" | "polling" | null,
+    "detail": text | null}`` (null: no daemon running)."""
+    mode, _, detail = raw.partition(": ")
+    if mode not in ("watching", "polling"):
+        return {"mode": None, "detail": None}
+    return {"mode": mode, "detail": detail or None}
+
+
 def status_document(facts: StatusFacts, resources: ResourceFacts | None = None) -> dict[str, Any]:
     """The ``status --json`` document; ``resources`` (``--resources``) fills ``resources``."""
     now = facts.now
@@ -144,6 +153,7 @@ def status_document(facts: StatusFacts, resources: ResourceFacts | None = None) 
             "outcome": _text(facts.outcome),
             "last_good_sync": _epoch(facts.last_good),
             "authority_timestamp": int(facts.authority_timestamp) if facts.authority_timestamp.isdigit() else None,
+            "authority_watch": _watch(facts.authority_watch),
         },
         "safety_valve": {"held": sorted(valve.held), "seen": valve.seen},
         "slivers": [_sliver(fact) for fact in facts.slivers],

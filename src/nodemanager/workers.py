@@ -47,6 +47,14 @@ class Completion:
         self._result: Any = None
         self._callbacks: list[Callable[[Completion], None]] | None = None
 
+    @classmethod
+    def resolved(cls, result: Any = None, error: BaseException | None = None) -> Completion:
+        """A Completion that has already finished (a job run inline by its submitter, as the
+        fleet simulator's hollow nodes do: ``fleetnode.InlinePool``)."""
+        completion = cls()
+        completion._finish(result, error)
+        return completion
+
     def _finish(self, result: Any, error: BaseException | None) -> None:
         with _CALLBACK_LOCK:  # a callback is either taken here or added after: never lost between
             if self._finished:

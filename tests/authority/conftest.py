@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import pytest
 
-from nodemanager.authority.server import AuthorityServer
+from nodemanager.plc.server import AuthorityServer
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMjWLHebuAEps9lj+CyuRVy+mJfSXdcmDLlw97+0NnDm alice@example.org"
 KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDvR4rkn4Jw4FN8KitX2uxIcB9cweEN2Muo86cwVggpI bob@example.org"

@@ -14,7 +14,7 @@ import pytest
 from nodemanager.authority.client import AuthorityClient, next_poll_delay
 from nodemanager.core.retry import backoff_delay
 from nodemanager.authority.parse import loads_xmlrpc_call
-from nodemanager.authority.server import AuthorityServer
+from nodemanager.plc.server import AuthorityServer
 from nodemanager.config import parse_config
 from nodemanager.core.errors import AuthorityError, AuthorityUnavailable, ConfigError, DocumentRejected
 

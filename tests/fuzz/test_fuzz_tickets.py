@@ -53,7 +53,7 @@ def tickets() -> Any:
 @pytest.fixture(scope="module")
 def signed(tickets: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[bytes, Any, Any]]:
     """A ticket signed by a freshly generated authority identity: (bytes, certificate, data)."""
-    signing = _module("nodemanager.authority.signing", "load_or_create_identity", "sign_document")
+    signing = _module("nodemanager.plc.signing", "load_or_create_identity", "sign_document")
     from lxml import etree
 
     base: Path = tmp_path_factory.mktemp("authority")

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 import tomli_w
 
-from nodemanager.authority.server import AuthorityServer
+from nodemanager.plc.server import AuthorityServer
 from nodemanager.cli import main
 from nodemanager.config import Config, parse_config
 from nodemanager.daemon import AlreadyRunning, Node, build_node

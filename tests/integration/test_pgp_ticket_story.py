@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from nodemanager.authority.model import load_authority_text
-from nodemanager.authority.pgpsigning import pgp_signer_for
-from nodemanager.authority.ticketcli import cmd_authority_ticket
+from nodemanager.plc.model import load_authority_text
+from nodemanager.plc.pgpsigning import pgp_signer_for
+from nodemanager.plc.ticketcli import cmd_authority_ticket
 from nodemanager.core.records import SOURCE_TICKET
 from nodemanager.testing.openpgp import missing_tools
 from nodemanager.testing.sshd import make_client_key

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from nodemanager.authority.issue import ticket_element
-from nodemanager.authority.model import SliceEntry
-from nodemanager.authority.signing import (
+from nodemanager.plc.issue import ticket_element
+from nodemanager.plc.model import SliceEntry
+from nodemanager.plc.signing import (
     SigningIdentity,
     load_or_create_identity,
     sign_document,

@@ -16,7 +16,6 @@ Exit status: 0 success; 1 the node answered with a Fault (``Fault N: message`` o
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import sys
 import xmlrpc.client
@@ -113,7 +112,7 @@ def cmd_call(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr: 
     except xmlrpc.client.ProtocolError as exc:
         err.write(f"error: the node manager answered HTTP {exc.errcode} {exc.errmsg}\n")
         return EXIT_TRANSPORT
-    except (xmlrpc.client.Error, http.client.HTTPException, OSError) as exc:
+    except (xmlrpc.client.Error, OSError) as exc:
         err.write(f"error: cannot call {args.method}: {_describe(exc)}\n")
         return EXIT_TRANSPORT
     out.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n" if args.json else render(result))

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .deferred import Pending, still_in_progress
 from .dispatchpool import DispatchPool
@@ -28,6 +28,8 @@ from .wire import dump_fault, dump_response, parse_request
 __all__ = ["CallRunner", "Dispatch", "OnRequest"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: ``dispatch(method, params, peer) -> result or Pending``; raises core.errors exceptions. Runs
 #: in a pool thread (e.g. ``NodeManagerApi.dispatch_deferred``).
@@ -64,8 +66,29 @@ class CallRunner:
         answer = await self._pool.run(self._call, body, peer)
         if isinstance(answer, bytes):
             return answer
-        finished = await _settled(answer.pending)
-        return await self._pool.run(self._finish, answer, finished)
+        return await self._finished(answer)
+
+    def begin(self, body: bytes, peer: PeerIdentity, future: asyncio.Future[T], wrap: Callable[[bytes], T]) -> None:
+        """As :meth:`answer`, without a task: ``future`` gets ``wrap(response body)``. The
+        cheap path for a call that waits for no slot (one loop callback, no coroutine)."""
+
+        def dispatched(answer: bytes | _Deferred, error: BaseException | None) -> None:
+            if future.done():
+                return  # the client is gone
+            if error is not None:
+                future.set_exception(error)
+            elif isinstance(answer, bytes):
+                future.set_result(wrap(answer))
+            else:
+                task = asyncio.ensure_future(self._finished(answer))
+                task.add_done_callback(lambda done: _pass_on(done, future, wrap))
+                future.add_done_callback(lambda outer: task.cancel() if outer.cancelled() else None)
+
+        self._pool.submit(self._call, (body, peer), dispatched)
+
+    async def _finished(self, deferred: _Deferred) -> bytes:
+        finished = await _settled(deferred.pending)
+        return await self._pool.run(self._finish, deferred, finished)
 
     # --- pool threads ---------------------------------------------------------------------
     def _call(self, body: bytes, peer: PeerIdentity) -> bytes | _Deferred:
@@ -130,6 +153,17 @@ async def _settled(pending: Pending) -> bool:
     except TimeoutError:
         return pending.completion.done()
     return True
+
+
+def _pass_on(task: asyncio.Future[bytes], future: asyncio.Future[T], wrap: Callable[[bytes], T]) -> None:
+    if future.done():
+        return
+    if task.cancelled():
+        future.cancel()
+    elif (error := task.exception()) is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(wrap(task.result()))
 
 
 def _settle(future: asyncio.Future[None]) -> None:

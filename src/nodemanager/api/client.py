@@ -1,8 +1,9 @@
 """Clients of the node manager API: over the local Unix socket, TCP, and XML-RPC over SSH.
 
 All of them keep the ``xmlrpc.client.ServerProxy`` calling style (``api.GetXIDs()``), and all parse
-responses with defusedxml's expat parser with DTDs forbidden: the answer comes from another party
-(over SSH, from another machine), so it gets the same care as a request. Nothing is monkey-patched.
+responses with the project's hardened XML-RPC decoder (:mod:`nodemanager.http.xmlrpc`: defusedxml's
+expat parser with DTDs forbidden): the answer comes from another party (over SSH, from another
+machine), so it gets the same care as a request. Nothing is monkey-patched.
 
 Errors, in one tree:
 
@@ -11,8 +12,9 @@ Errors, in one tree:
 * :class:`SshTransportError`: ssh itself failed (exit 255: unreachable host, refused key, host key
   mismatch), timed out, or produced no or non-XML-RPC output; it carries ssh's stderr tail;
 * :class:`MalformedResponse`: an HTTP transport got a body that is not an XML-RPC response;
-* ``OSError`` / ``xmlrpc.client.ProtocolError``: the HTTP transports could not connect or got an
-  HTTP error status.
+* ``OSError`` / ``xmlrpc.client.ProtocolError``: the HTTP transports could not connect (or the
+  connection broke) or got an HTTP error status. HTTP is spoken by the project's own client
+  (:mod:`nodemanager.http.client`).
 
 XML-RPC over SSH runs the system ``ssh`` client (the user's ssh config, agent and known_hosts
 apply), with ``-T`` and ``BatchMode=yes`` by default so it never waits for a password prompt.
@@ -20,19 +22,17 @@ apply), with ``-T`` and ``BatchMode=yes`` by default so it never waits for a pas
 
 from __future__ import annotations
 
-import http.client
 import os
 import selectors
-import socket
 import subprocess
 import time
 import xmlrpc.client
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
-from xml.parsers import expat
 
-from defusedxml.common import DefusedXmlException
-from defusedxml.xmlrpc import DefusedExpatParser
+from ..http.client import Connection, HttpClientError, ResponseTooLarge
+from ..http.xmlrpc import RESPONSE, MalformedXmlRpc, decode
 
 __all__ = [
     "MalformedResponse", "SafeTransport", "SshTransport", "SshTransportError", "UnixTransport",
@@ -44,6 +44,8 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 STDERR_TAIL = 600
 DEFAULT_TIMEOUT = 300.0
 _PIPE_CHUNK = 65536
+#: What "no timeout" (``timeout=None``) becomes: a bound nobody reaches.
+_NO_TIMEOUT = 1e9
 
 
 class MalformedResponse(xmlrpc.client.ResponseError):
@@ -68,67 +70,86 @@ class SshTransportError(xmlrpc.client.Error):
 
 def loads_response(data: bytes, *, use_builtin_types: bool = False) -> tuple[Any, ...]:
     """The params of an XML-RPC response body; raises ``Fault`` for a fault response and
-    :class:`MalformedResponse` for anything that is not a methodResponse."""
-    unmarshaller = xmlrpc.client.Unmarshaller(use_builtin_types=use_builtin_types)
-    parser = DefusedExpatParser(unmarshaller, forbid_dtd=True)
+    :class:`MalformedResponse` for anything that is not a methodResponse.
+
+    Decoded by the project's one hardened decoder (:mod:`nodemanager.http.xmlrpc`, policy
+    ``RESPONSE``); without ``use_builtin_types`` binary and date values come back as
+    ``xmlrpc.client.Binary`` and ``DateTime``, as ``xmlrpc.client.loads`` gives them."""
     try:
-        parser.feed(data)
-        parser.close()
-        if unmarshaller.getmethodname() is not None:
-            raise MalformedResponse("malformed XML-RPC response: a methodCall, not a methodResponse")
-        return unmarshaller.close()
-    except xmlrpc.client.Fault:
-        raise
-    except MalformedResponse:
-        raise
-    except (expat.ExpatError, DefusedXmlException, xmlrpc.client.ResponseError, ValueError, TypeError,
-            IndexError, KeyError, OverflowError) as exc:
-        raise MalformedResponse(f"malformed XML-RPC response: {type(exc).__name__}: {exc}") from exc
+        decoded = decode(data, RESPONSE)
+    except MalformedXmlRpc as exc:
+        raise MalformedResponse(f"malformed XML-RPC response: {exc}") from exc
+    if decoded.fault is not None:
+        fault = decoded.fault
+        if not isinstance(fault, dict) or not {"faultCode", "faultString"} <= fault.keys():
+            raise MalformedResponse("malformed XML-RPC response: a fault without faultCode and faultString")
+        raise xmlrpc.client.Fault(fault["faultCode"], fault["faultString"])
+    return decoded.params if use_builtin_types else tuple(_stdlib_types(value) for value in decoded.params)
+
+
+def _stdlib_types(value: Any) -> Any:
+    """``value`` with bytes and datetimes as ``xmlrpc.client.Binary`` and ``DateTime``."""
+    if isinstance(value, bytes):
+        return xmlrpc.client.Binary(value)
+    if isinstance(value, datetime):
+        return xmlrpc.client.DateTime(value)
+    if isinstance(value, list):
+        return [_stdlib_types(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _stdlib_types(item) for key, item in value.items()}
+    return value
 
 
 class SafeTransport(xmlrpc.client.Transport):
-    """HTTP transport whose responses are size-capped and parsed with DTDs forbidden."""
-
-    accept_gzip_encoding = False  # no gzip bombs: ask for identity bodies only
+    """HTTP transport whose responses are size-capped and parsed with DTDs forbidden. Speaks
+    HTTP through the project's own client (:class:`nodemanager.http.client.Connection`: one
+    kept-alive connection, reopened when the server closed it between calls)."""
 
     def __init__(self, *, timeout: float | None = DEFAULT_TIMEOUT, use_builtin_types: bool = False,
                  max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
         super().__init__(use_builtin_types=use_builtin_types)
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
+        self._kept: tuple[str, Connection] | None = None
 
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        if self._connection and host == self._connection[0]:
-            return self._connection[1]
-        connection = self._new_connection(host)
-        self._connection = host, connection
-        return connection
+    def _new_connection(self, host: str) -> Connection:
+        return Connection(f"http://{host}/", timeout=self._seconds(), max_body=self.max_response_bytes)
 
-    def _new_connection(self, host: Any) -> http.client.HTTPConnection:
-        chost, self._extra_headers, _ = self.get_host_info(host)
-        return http.client.HTTPConnection(chost, timeout=self.timeout)
+    def _seconds(self) -> float:
+        return _NO_TIMEOUT if self.timeout is None else float(self.timeout)
 
-    def parse_response(self, response: http.client.HTTPResponse) -> tuple[Any, ...]:
-        data = response.read(self.max_response_bytes + 1)
-        if len(data) > self.max_response_bytes:
-            raise MalformedResponse(f"response larger than {self.max_response_bytes} bytes")
-        return loads_response(data, use_builtin_types=self._use_builtin_types)
+    def request(self, host: Any, handler: str, request_body: bytes, verbose: bool = False) -> tuple[Any, ...]:
+        """ServerProxy's entry point: POST ``request_body`` to ``handler``; the decoded answer.
 
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        An HTTP status other than 200 is ``xmlrpc.client.ProtocolError``; a connection failure
+        the ``OSError`` behind it (e.g. ``FileNotFoundError`` for a missing socket)."""
+        host_text = host if isinstance(host, str) else host[0]
+        if self._kept is None or self._kept[0] != host_text:
+            self.close()
+            self._kept = host_text, self._new_connection(host_text)
+        connection = self._kept[1]
+        body = request_body.encode("utf-8") if isinstance(request_body, str) else bytes(request_body)
         try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+            response = connection.request("POST", handler, body=body, headers=(("User-Agent", self.user_agent),))
+        except ResponseTooLarge as exc:
+            raise MalformedResponse(f"response larger than {self.max_response_bytes} bytes") from exc
+        except HttpClientError as exc:
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__
+            if isinstance(cause, OSError):  # the same kind of OSError, with the whole story
+                errno = cause.errno
+                raise (type(cause)(errno, str(exc)) if errno is not None else type(cause)(str(exc))) from exc
+            raise OSError(str(exc)) from exc
+        if response.status != 200:
+            raise xmlrpc.client.ProtocolError(host_text + handler, response.status, f"HTTP {response.status}",
+                                              dict(response.headers))
+        return loads_response(response.body, use_builtin_types=self._use_builtin_types)
+
+    def close(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept[1].close()
 
 
 class UnixTransport(SafeTransport):
@@ -141,8 +162,9 @@ class UnixTransport(SafeTransport):
                          max_response_bytes=max_response_bytes)
         self.socket_path = os.fspath(socket_path)
 
-    def _new_connection(self, host: Any) -> http.client.HTTPConnection:
-        return _UnixHTTPConnection(self.socket_path, self.timeout)
+    def _new_connection(self, host: str) -> Connection:
+        return Connection("http://localhost/", timeout=self._seconds(), max_body=self.max_response_bytes,
+                          unix_socket=self.socket_path)
 
 
 def local_proxy(socket_path: str | os.PathLike[str], *,

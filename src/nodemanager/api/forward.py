@@ -16,9 +16,11 @@ Contract:
 * the daemon cannot be reached or answers with something other than HTTP 200: a message on
   stderr, a Fault body on stdout (so XML-RPC clients still get a parseable answer), exit 2.
 
-It runs once per SSH call, so start-up time matters: only ``sys`` and the C ``_socket`` module are
+It runs once per SSH call, so start-up time matters: only ``sys``, the C ``_socket`` module and
+the project's HTTP framing (:mod:`nodemanager.http.framing`, which imports only ``time``) are
 imported (measured: ``typing`` and ``socket`` cost ~7 ms each, ``argparse`` ~8 ms, ``xmlrpc.client``
-~25 ms, ``_socket`` 0.1 ms), arguments are parsed by hand and the Fault body is built by hand.
+~25 ms, ``dataclasses`` ~23 ms, ``_socket`` 0.1 ms), arguments are parsed by hand and the Fault
+body is built by hand.
 No environment variable is consulted: a login shell's environment is the client's to choose.
 """
 
@@ -30,6 +32,8 @@ try:
     import _socket as _sock
 except ImportError:  # pragma: no cover - other Python implementations
     import socket as _sock  # type: ignore[no-redef]
+
+from ..http.framing import ChunkedDecoder, ProtocolError, encode_request, parse_response_head
 
 TYPE_CHECKING = False  # typing itself costs ~7 ms to import: only type checkers read this branch
 if TYPE_CHECKING:
@@ -100,97 +104,69 @@ def parse_arguments(argv: list[str]) -> tuple[str, float] | None:
 
 
 def build_request(body: bytes) -> bytes:
-    head = (
-        f"POST {REQUEST_PATH} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: forward_api_calls\r\n"
-        f"Content-Type: text/xml\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
+    return encode_request("POST", REQUEST_PATH, host="localhost", body=body,
+                          headers=(("User-Agent", "forward_api_calls"),), keep_alive=False)
 
 
-class _Reader:
-    """Buffered reads from a connected socket with a total size bound."""
-
-    def __init__(self, sock: _sock.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-        self.eof = False
-        self.total = 0
-
-    def fill(self) -> bool:
-        if self.eof:
-            return False
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            self.eof = True
-            return False
-        self.total += len(chunk)
-        if self.total > MAX_RESPONSE_BYTES + MAX_HEADER_BYTES:
-            raise TransportError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
-        self.buffer += chunk
-        return True
-
-    def until(self, marker: bytes, limit: int) -> bytes:
-        while marker not in self.buffer:
-            if len(self.buffer) > limit:
-                raise TransportError("malformed HTTP response: header line too long")
-            if not self.fill():
-                raise TransportError("the node manager closed the connection before answering")
-        data, _, self.buffer = self.buffer.partition(marker)
-        return data
-
-    def exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            if not self.fill():
-                raise TransportError("the node manager's response was cut short")
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def rest(self) -> bytes:
-        while self.fill():
-            pass
-        data, self.buffer = self.buffer, b""
-        return data
+def _fill(sock: _sock.socket, total: list[int]) -> bytes:
+    """The next bytes from ``sock`` (b"" at end-of-file), counted against the response cap."""
+    chunk = sock.recv(65536)
+    total[0] += len(chunk)
+    if total[0] > MAX_RESPONSE_BYTES + MAX_HEADER_BYTES:
+        raise TransportError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
+    return chunk
 
 
 def read_response(sock: _sock.socket) -> tuple[int, str, bytes]:
-    """``(status, reason, body)`` of one HTTP/1.x response: Content-Length, chunked, or
-    close-delimited bodies."""
-    reader = _Reader(sock)
-    head = reader.until(b"\r\n\r\n", MAX_HEADER_BYTES)
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise TransportError(f"malformed HTTP status line {lines[0][:80]!r}")
-    status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon:
-            raise TransportError(f"malformed HTTP header line {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        chunks = []
-        size_total = 0
-        while True:
-            size_line = reader.until(b"\r\n", 1024).split(b";")[0].strip()
+    """``(status, reason, body)`` of one HTTP/1.x response (framing: :mod:`nodemanager.http.framing`):
+    Content-Length, chunked, or close-delimited bodies."""
+    total = [0]
+    buffer = b""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
             try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise TransportError("malformed chunked HTTP body") from None
-            size_total += size
-            if size_total > MAX_RESPONSE_BYTES:
-                raise TransportError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
-            if size == 0:
+                head = parse_response_head(buffer[: end + 4])
+            except ProtocolError as exc:
+                raise TransportError(f"malformed HTTP response: {exc}") from None
+            buffer = buffer[end + 4:]
+            if not 100 <= head.status < 200:
                 break
-            chunks.append(reader.exactly(size))
-            reader.exactly(2)
-        return status, reason, b"".join(chunks)
-    length = headers.get("content-length")
+            continue  # an interim answer (100 Continue): the real one follows
+        if len(buffer) > MAX_HEADER_BYTES:
+            raise TransportError("malformed HTTP response: header section too long")
+        chunk = _fill(sock, total)
+        if not chunk:
+            raise TransportError("the node manager closed the connection before answering")
+        buffer += chunk
+    if head.chunked:
+        decoder = ChunkedDecoder(MAX_RESPONSE_BYTES)
+        try:
+            parts = [decoder.feed(buffer)]
+            while not decoder.done:
+                chunk = _fill(sock, total)
+                if not chunk:
+                    raise TransportError("the node manager's response was cut short")
+                parts.append(decoder.feed(chunk))
+        except ProtocolError as exc:
+            raise TransportError(f"malformed chunked HTTP body: {exc}") from None
+        return head.status, head.reason, b"".join(parts)
+    length = head.content_length
     if length is not None:
-        if not length.isdigit() or int(length) > MAX_RESPONSE_BYTES:
-            raise TransportError(f"unusable Content-Length {length[:40]!r}")
-        return status, reason, reader.exactly(int(length))
-    return status, reason, reader.rest()
+        if length > MAX_RESPONSE_BYTES:
+            raise TransportError(f"unusable Content-Length {length}")
+        parts, have = [buffer[:length]], min(len(buffer), length)
+        while have < length:
+            chunk = _fill(sock, total)
+            if not chunk:
+                raise TransportError("the node manager's response was cut short")
+            parts.append(chunk[: length - have])
+            have += len(parts[-1])
+        return head.status, head.reason, b"".join(parts)
+    parts = [buffer]
+    while chunk := _fill(sock, total):
+        parts.append(chunk)
+    return head.status, head.reason, b"".join(parts)
 
 
 def forward(body: bytes, socket_path: str, timeout: float) -> bytes:

@@ -2,38 +2,34 @@
 
 Why not the stdlib ``SimpleXMLRPCServer`` the original used: a thread per connection tops out near
 3,700 calls/s at 16 clients on this project's machines, it reads whatever Content-Length says with
-no cap and no timeout, and it needs four patches to run on a Unix socket at all. Here one asyncio
-event loop (uvloop when importable) in ONE background thread does all the socket I/O, and the
-methods run in a bounded thread pool because they may block (the store, a ticket's signature);
-an operation on the per-sliver workers is awaited in the loop instead, holding no thread
-(:mod:`.calls`). The daemon stays synchronous: it calls :meth:`ApiServer.start` and
-:meth:`ApiServer.stop`.
+no cap and no timeout, and it needs four patches to run on a Unix socket at all. Here the
+project's one HTTP server core (:class:`nodemanager.http.server.HttpServer`: one asyncio event
+loop in ONE background thread does all the socket I/O) serves the API, and the methods run in a
+bounded thread pool because they may block (the store, a ticket's signature); an operation on the
+per-sliver workers is awaited in the loop instead, holding no thread (:mod:`.calls`). The daemon
+stays synchronous: it calls :meth:`ApiServer.start` and :meth:`ApiServer.stop`. The loop is the
+standard asyncio one: uvloop is not used (an undeclared package never changes behaviour; the
+server core accepts any loop should it ever be made an option).
 
-HTTP, written here on asyncio streams because the subset needed is small (framing rules in
-:func:`.wire.parse_head`):
-- request line + headers of at most 16 KiB (else 431), received within ``read_timeout`` seconds,
-  and the body likewise: a silent or trickling client is closed after ``read_timeout`` and never
-  holds up anyone else (each connection is its own task);
-- POST with a Content-Length of at most ``max_request_bytes``; a larger one gets 413 and the
-  connection is closed without the body being read; any request path is accepted;
-- keep-alive for HTTP/1.1 (unless ``Connection: close``) and HTTP/1.0 with ``Connection:
-  keep-alive``; an idle keep-alive connection is closed after ``read_timeout``;
-- at most ``max_connections`` open connections: one beyond that is answered 503 and closed at
-  once (not queued), so an overload is visible to the client instead of a silent stall; the same
-  for one beyond its caller's own cap (:mod:`.fairness`);
-- every well-framed POST is answered ``200 text/xml`` with a result or a Fault (a malformed body
-  is Fault 102 and the connection stays usable); a framing error is answered with its HTTP status
-  and the connection closed.
+The HTTP rules are the server core's (its module doc): request head of at most 16 KiB (431) and
+head and body each within ``read_timeout`` seconds; POST only (405), with a Content-Length
+(411) of at most ``max_request_bytes`` (413, the body never read); keep-alive; ``Expect:
+100-continue``; at most ``max_connections`` open connections, one beyond is answered 503 and
+closed at once; a graceful stop. Every well-framed POST is answered ``200 text/xml`` with a
+result or a Fault (a malformed body is Fault 102 and the connection stays usable); a framing
+error is answered with its HTTP status and the connection closed.
 
-Caller identity is computed once per connection from the kernel (:mod:`.peercred`), in the
-accept callback itself -- before anything is read, while an honest peer is certainly connected --
-and kept for the connection: a peer that closes first has no identity, never root's. A TCP peer
-whose address is not loopback is refused (connection closed at once) unless the configured host
-itself is not loopback; such peers then have no identity.
+What is the API's own, given to the core as its hooks:
 
-Fairness (:mod:`.fairness`): per caller, a cap on open connections and on calls in flight (a
-deferred operation keeps its call's slot until answered); a call over the latter waits in the
-loop, not in a thread, so one sliver cannot take every dispatch thread.
+* **identity** (``identify``): computed once per connection from the kernel (:mod:`.peercred`),
+  in the accept callback itself -- before anything is read, while an honest peer is certainly
+  connected -- and kept for the connection: a peer that closes first has no identity, never
+  root's. A TCP peer whose address is not loopback is refused (connection closed at once)
+  unless the configured host itself is not loopback; such peers then have no identity.
+* **fairness** (``admit``/``release``, :mod:`.fairness`): per caller, a cap on open connections
+  (503 beyond it) and on calls in flight (a deferred operation keeps its call's slot until
+  answered); a call over the latter waits in the loop, not in a thread, so one sliver cannot take
+  every dispatch thread.
 """
 
 from __future__ import annotations
@@ -41,45 +37,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 from ..core.errors import ConfigError, OperationFailed
+from ..http.framing import Request, Response
+from ..http.server import HttpServer
 from .calls import CallRunner, Dispatch, OnRequest
 from .dispatchpool import DispatchPool
 from .fairness import MAX_CALLS_PER_UID, MAX_CONNECTIONS_PER_UID, CallerLimits
 from .identity import TRANSPORT_TCP, TRANSPORT_UNIX, PeerIdentity
 from .listeners import TcpAddress, bind_tcp, bind_unix, parse_tcp_address, remove_unix_socket
 from .peercred import is_loopback, tcp_peer, unix_peer
-from .wire import (
-    MAX_HEAD_BYTES,
-    HttpError,
-    error_response,
-    parse_head,
-    response_head,
-)
-
-try:  # optional accelerator; never a dependency
-    import uvloop as _uvloop  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the environment
-    _uvloop = None
 
 __all__ = ["ApiServer", "Dispatch", "OnRequest", "TcpAddress", "parse_tcp_address"]
 
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-@dataclass(eq=False)
-class _Connection:
-    """One client connection, as seen by :meth:`ApiServer.stop` (loop thread only)."""
-
-    writer: asyncio.StreamWriter
-    idle: bool = field(default=True)
+def _ok(payload: bytes) -> Response:
+    return Response(200, payload)
 
 
 class ApiServer:
@@ -121,14 +101,8 @@ class ApiServer:
         self._tcp_sock: socket.socket | None = None
         self._unix_sock: socket.socket | None = None
         self._unix_ident: tuple[int, int] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._calls: CallRunner | None = None
-        self._listening: list[socket.socket] = []
-        # Connection tasks -> the raw socket they have not yet taken ownership of (then None).
-        self._tasks: dict[asyncio.Task[Any], socket.socket | None] = {}
-        self._connections: set[_Connection] = set()
-        self._closing = False
+        self._http: HttpServer | None = None
         self._started = False
 
     # --- public surface -------------------------------------------------------------------
@@ -155,19 +129,26 @@ class ApiServer:
                 self._tcp_sock = bind_tcp(self._tcp, self._backlog)
             if self._unix is not None:
                 self._unix_sock, self._unix_ident = bind_unix(self._unix, self._backlog)
-            self._loop = _uvloop.new_event_loop() if _uvloop is not None else asyncio.new_event_loop()
-            self._calls = CallRunner(
-                self._dispatch, DispatchPool(self._dispatch_threads, self._loop), self._on_request
+            loop = asyncio.new_event_loop()
+            self._calls = CallRunner(self._dispatch, DispatchPool(self._dispatch_threads, loop), self._on_request)
+            http = self._http = HttpServer(
+                self._handle,
+                methods=("POST",),
+                max_request_bytes=self._max_request_bytes,
+                read_timeout=self._read_timeout,
+                max_connections=self._max_connections,
+                identify=self._identify,
+                admit=self._admit,
+                release=self._release_peer,
+                name="api",
             )
-            outcome: list[BaseException | None] = []
-            started = threading.Event()
-            self._thread = threading.Thread(
-                target=self._run_loop, args=(started, outcome), name="nm-api-loop", daemon=True
-            )
-            self._thread.start()
-            started.wait()
-            if outcome and outcome[0] is not None:
-                raise OperationFailed(f"cannot start the API server: {outcome[0]}") from outcome[0]
+            for sock, transport in ((self._tcp_sock, TRANSPORT_TCP), (self._unix_sock, TRANSPORT_UNIX)):
+                if sock is not None:
+                    http.add_listener(sock, transport)
+            try:
+                http.start(loop)
+            except Exception as exc:
+                raise OperationFailed(f"cannot start the API server: {exc}") from exc
         except BaseException:
             self._release()
             raise
@@ -179,19 +160,10 @@ class ApiServer:
         """Stop accepting, close idle connections, let in-flight requests finish for up to
         ``grace`` seconds (then cut them), and remove the Unix socket if it is still ours.
         Idempotent; a dispatch still running after that is abandoned (its thread finishes alone)."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or not thread.is_alive():
-            self._release()
-            return
-        future = asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
-        try:
-            future.result(grace + 5.0)
-        except Exception:  # stopping must not fail half-way
-            logger.exception("event=api-stop-error")
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5.0)
+        if self._http is not None:
+            self._http.stop(grace)
+            logger.info("event=api-stopped")
         self._release()
-        logger.info("event=api-stopped")
 
     def __enter__(self) -> Self:
         self.start()
@@ -200,106 +172,7 @@ class ApiServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    # --- loop thread ----------------------------------------------------------------------
-    def _run_loop(self, started: threading.Event, outcome: list[BaseException | None]) -> None:
-        loop = self._loop
-        assert loop is not None
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._open_servers())
-        except Exception as exc:  # noqa: BLE001 - reported to start()
-            outcome.append(exc)
-            started.set()
-            loop.close()
-            return
-        outcome.append(None)
-        started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    async def _open_servers(self) -> None:
-        # Accepting by hand (a reader callback) rather than asyncio.start_server or a
-        # sock_accept task: every accepted socket is handed to a connection task synchronously,
-        # so stopping can never strand one (3.11's Server drops, unclosed, a connection accepted
-        # just before Server.close(), and cancelling sock_accept can lose one it just accepted).
-        loop = asyncio.get_running_loop()
-        for sock, transport in ((self._tcp_sock, TRANSPORT_TCP), (self._unix_sock, TRANSPORT_UNIX)):
-            if sock is not None:
-                loop.add_reader(sock.fileno(), self._accept_ready, sock, transport)
-                self._listening.append(sock)
-
-    def _accept_ready(self, listener: socket.socket, transport: str) -> None:
-        loop = asyncio.get_running_loop()
-        for _ in range(64):
-            try:
-                conn, _address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. EMFILE: pause accepting instead of spinning
-                logger.warning("event=api-accept-error transport=%s error=%s", transport, exc)
-                loop.remove_reader(listener.fileno())
-                loop.call_later(0.1, self._resume_accepting, listener, transport)
-                return
-            conn.setblocking(False)
-            peer = self._identify(conn, transport)  # now: before the peer can have gone
-            if peer is None:
-                conn.close()
-                continue
-            task = loop.create_task(self._accepted(conn, transport, peer))
-            self._tasks[task] = conn
-            task.add_done_callback(self._forget)
-
-    def _resume_accepting(self, listener: socket.socket, transport: str) -> None:
-        if not self._closing:
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_ready, listener, transport)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        conn = self._tasks.pop(task, None)
-        if conn is not None:
-            conn.close()  # cancelled before it could take ownership of the socket
-
-    async def _accepted(self, conn: socket.socket, transport: str, peer: PeerIdentity) -> None:
-        loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
-        if me is not None:
-            self._tasks[me] = None  # from here on, this coroutine closes the socket
-        try:
-            reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES)
-            protocol = asyncio.StreamReaderProtocol(reader)
-            stream, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
-        except Exception as exc:  # noqa: BLE001 - e.g. the peer reset before the setup
-            logger.info("event=api-connection-setup-failed transport=%s error=%s", transport, exc)
-            conn.close()
-            return
-        except BaseException:
-            conn.close()
-            raise
-        await self._connection(reader, asyncio.StreamWriter(stream, protocol, reader, loop), transport, peer)
-
-    async def _shutdown(self, grace: float) -> None:
-        """Stop accepting; close idle connections; wait for the others up to ``grace``, then
-        cut them."""
-        loop = asyncio.get_running_loop()
-        self._closing = True
-        for sock in self._listening:
-            loop.remove_reader(sock.fileno())
-            sock.close()  # connection attempts are refused from now on
-        deadline = loop.time() + grace
-        while self._tasks:
-            for conn in list(self._connections):
-                if conn.idle:
-                    conn.writer.close()
-            if loop.time() >= deadline:
-                for conn in list(self._connections):
-                    conn.writer.transport.abort()
-                for task in self._tasks:
-                    task.cancel()
-                await asyncio.wait(set(self._tasks), timeout=1.0)
-                break
-            await asyncio.wait(set(self._tasks), timeout=0.05)
-
+    # --- hooks of the HTTP server (loop thread) ---------------------------------------------
     def _identify(self, conn: socket.socket, transport: str) -> PeerIdentity | None:
         """The identity of the peer of a just-accepted socket, or None when the connection
         must be refused. Any doubt gives no identity, never a guessed one."""
@@ -315,14 +188,9 @@ class ApiServer:
             logger.warning("event=api-identity-unknown transport=%s error=%s", transport, exc)
             return PeerIdentity(transport, None)
 
-    def _refusal(self, peer: PeerIdentity) -> str | None:
-        """Why a new connection is refused (503), or None when it is admitted -- and then
-        counted against its caller's cap until :meth:`_connection` releases it."""
-        if self._closing:
-            return "the node manager is stopping; retry later"
-        if len(self._connections) >= self._max_connections:
-            logger.warning("event=api-refused reason=connection-limit limit=%d", self._max_connections)
-            return "too many connections; retry later"
+    def _admit(self, peer: PeerIdentity) -> str | None:
+        """Why a connection the global cap admitted is refused (503), or None -- and then it
+        is counted against its caller's cap until :meth:`_release_peer`."""
         if not self._limits.admit(peer.uid):
             logger.warning(
                 "event=api-refused reason=caller-connection-limit uid=%s limit=%d",
@@ -331,70 +199,26 @@ class ApiServer:
             return "too many connections from this caller; retry later"
         return None
 
-    async def _connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str, peer: PeerIdentity
-    ) -> None:
-        refusal = self._refusal(peer)
-        if refusal is not None:
-            writer.write(error_response(HttpError(503, refusal)))
-            writer.close()
-            return
-        conn = _Connection(writer)
-        self._connections.add(conn)
-        try:
-            await self._serve_requests(reader, writer, peer, conn)
-        except HttpError as error:
-            logger.info("event=api-http-error status=%d reason=%s", error.status, error.message)
-            writer.write(error_response(error))
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass  # the client went away or was too slow: nothing to answer
-        except Exception:  # one connection's bug must not stop the server
-            logger.exception("event=api-connection-error transport=%s", transport)
-        finally:
-            self._connections.discard(conn)
-            self._limits.release(peer.uid)
-            if writer.transport.get_write_buffer_size():
-                writer.transport.abort()  # the client is not reading: do not keep its data
-            else:
-                writer.close()
+    def _release_peer(self, peer: PeerIdentity) -> None:
+        self._limits.release(peer.uid)
 
-    async def _serve_requests(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerIdentity, conn: _Connection
-    ) -> None:
-        timeout = self._read_timeout
+    def _handle(self, request: Request, body: bytes, peer: PeerIdentity) -> Awaitable[Response]:
+        """The HTTP server's handler: the call's answer, as a future (no task) when the caller
+        waits for no call slot -- the common case, measured in ``bench/api_bench.py``."""
         calls = self._calls
         assert calls is not None
         slots = self._limits.call_slots(peer.uid)
-        while not self._closing:
-            conn.idle = True
-            try:
-                async with asyncio.timeout(timeout):
-                    head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
-                return  # closed between requests (or mid-head): nothing to answer
-            except asyncio.LimitOverrunError as exc:
-                raise HttpError(431, f"request head over {MAX_HEAD_BYTES} bytes") from exc
-            conn.idle = False
-            request = parse_head(head, self._max_request_bytes)
-            if request.expect_continue:
-                writer.write(_CONTINUE)
-            async with asyncio.timeout(timeout):
-                body = await reader.readexactly(request.content_length)
-            if slots is None:
-                payload = await calls.answer(body, peer)
-            else:
-                async with slots:  # over the caller's cap: wait here, holding no thread
-                    payload = await calls.answer(body, peer)
-            keep_alive = request.keep_alive and not self._closing
-            writer.write(
-                response_head(200, len(payload), content_type=b"text/xml", keep_alive=keep_alive, http11=request.http11)
-                + payload
-            )
-            if writer.transport.get_write_buffer_size():
-                async with asyncio.timeout(timeout):
-                    await writer.drain()
-            if not keep_alive:
-                return
+        if slots is not None:
+            return self._handle_in_turn(calls, body, peer, slots)
+        response: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        calls.begin(body, peer, response, _ok)
+        return response
+
+    @staticmethod
+    async def _handle_in_turn(calls: CallRunner, body: bytes, peer: PeerIdentity,
+                              slots: asyncio.Semaphore) -> Response:
+        async with slots:  # over the caller's cap: wait here, holding no thread
+            return _ok(await calls.answer(body, peer))
 
     # --- cleanup ----------------------------------------------------------------------------
     def _release(self) -> None:
@@ -409,4 +233,3 @@ class ApiServer:
             remove_unix_socket(self._unix, self._unix_ident)
             self._unix_ident = None
         self._tcp_sock = self._unix_sock = None
-

@@ -9,22 +9,31 @@ document and its protected names (see :mod:`.parse`), or raises one of:
   quickly would get the same garbage);
 * :class:`AuthorityError` -- the authority answered with an XML-RPC Fault (e.g. bad node key).
 
+Blocking queries (authority.md "Blocking queries", :mod:`.blocking`): when the authority sent an
+index with its document (the bundled authority does; a real PLCAPI, a static web server or a file
+never do), :attr:`AuthorityClient.index` holds it and :meth:`AuthorityClient.wait_for_change`
+asks the authority to answer when that document changes. A changed document is kept and returned
+by the next :meth:`AuthorityClient.fetch` without another request, through the same parse and
+validation path as any other: a blocking query only decides *when* the node syncs, never what.
+
 Only transport failures are retried, with exponential backoff and jitter through the injected
-``sleep`` and ``rng`` so tests run instantly. HTTP is spoken with ``http.client`` directly so that
-this module controls the things ``xmlrpc.client.ServerProxy`` does not: the response size cap, a
-whole-response deadline (a server trickling bytes cannot hold a poll forever), the TLS context
-built from ``authority.ca_file``, and no redirects. Proxy environment variables are not used.
+``sleep`` and ``rng`` so tests run instantly. HTTP is spoken with the project's own client
+(:mod:`nodemanager.http.client`) so that this module controls the things
+``xmlrpc.client.ServerProxy`` does not: the response size cap, a whole-response deadline (a server
+trickling bytes cannot hold a poll forever), the TLS context built from ``authority.ca_file``, and
+no redirects. Proxy environment variables are not used.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import random
+import socket
 import ssl
+import threading
 import time
 import xmlrpc.client
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -33,8 +42,19 @@ from urllib.request import url2pathname
 from ..core.errors import AuthorityUnavailable, ConfigError, DocumentRejected
 from ..core.records import AuthorityDocument, parse_node_id
 from ..core.retry import backoff_delay
+from ..http.client import ClientTimeout, HttpClientError, ResponseTooLarge, TlsVerificationFailed
+from ..http.client import request as http_request
 from .auth import hmac_auth, session_auth
-from .parse import KIND_SLICES_XML, KIND_XMLRPC, MIB, document_kind, load_document
+from .blocking import Changed, WaitRequest, index_of_document, offers_blocking, wait_call, wait_outcome
+from .parse import (
+    KIND_SLICES_XML,
+    KIND_XMLRPC,
+    MIB,
+    document_kind,
+    load_document,
+    loads_xmlrpc_response,
+    parse_getslivers_with_protection,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -44,7 +64,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 64 * MIB
 MAX_BACKOFF = 300.0
 USER_AGENT = "nodemanager"
-_CHUNK = 256 * 1024
 
 
 class _TransientError(AuthorityUnavailable):
@@ -61,7 +80,8 @@ class AuthorityClient:
     """Fetches and validates the authority document named by ``url`` (authority.md "Sources").
 
     ``retries`` is the number of extra attempts after the first one. Thread-compatible: one fetch
-    at a time per instance (the sync loop's thread)."""
+    at a time per instance (the sync loop's thread), and at most one :meth:`wait_for_change` at a
+    time (the watcher's thread) beside it; :meth:`close_waits` from any thread."""
 
     def __init__(
         self,
@@ -89,6 +109,14 @@ class AuthorityClient:
         self.backoff_base = backoff_base
         self._sleep = sleep
         self._rng = rng
+        # blocking queries: the index of the last document received, the changed document a
+        # wait brought (returned by the next fetch), the socket of the wait in flight
+        self._lock = threading.Lock()
+        self._index: str | None = None
+        self._kept: Changed | None = None
+        self._wait_socket: socket.socket | None = None
+        self._waits_closed = False
+        self._last_headers: dict[str, str] = {}
         if self.kind == KIND_XMLRPC and session is None and (node_id is None or node_key is None):
             raise ConfigError(f"authority URL {url}: GetSlivers needs the node id and node key, or a session")
         self._ssl_context: ssl.SSLContext | None = None
@@ -120,9 +148,113 @@ class AuthorityClient:
     # ------------------------------------------------------------------ fetching
 
     def fetch(self) -> tuple[AuthorityDocument, frozenset[str]]:
-        """Fetch, parse and validate the document; see the module docstring for the errors."""
-        body = self.fetch_body()
-        return load_document(self.url, body, expected_node_id=self.node_id, max_bytes=self.max_bytes)
+        """Fetch, parse and validate the document; see the module docstring for the errors.
+
+        When a blocking query brought a changed document since the last fetch, that document is
+        taken instead of asking again (it is at most as old as the wake-up it caused)."""
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is not None:
+            body, data = kept.body, kept.data
+        else:
+            self._last_headers = {}
+            body, data = self.fetch_body(), None
+        if self.kind != KIND_XMLRPC:
+            if kept is None:
+                self._note_index(self._last_headers)
+            return load_document(self.url, body, expected_node_id=self.node_id, max_bytes=self.max_bytes)
+        # load_document's XML-RPC path, split so that the index is read from the decoded struct
+        if data is None:
+            data = loads_xmlrpc_response(body, self.max_bytes)
+            self._note_index(None, data)
+        return parse_getslivers_with_protection(data, expected_node_id=self.node_id)
+
+    # ------------------------------------------------------------------ blocking queries
+
+    @property
+    def index(self) -> str | None:
+        """The index of the last document received from an authority that offers blocking
+        queries; ``None`` when it offers none (then the node polls)."""
+        return self._index
+
+    def _note_index(self, headers: Mapping[str, str] | None, data: Mapping[str, Any] | None = None) -> None:
+        """Remember the index an ordinary fetch brought (None: the authority offers none). It is
+        taken whether or not the document then validates: waiting on the index of a rejected
+        document is what wakes the node when the authority fixes it (and never spins)."""
+        if not offers_blocking(self.url):
+            return
+        try:
+            index = index_of_document(self.kind, headers, data)
+        except DocumentRejected as exc:
+            log.warning("event=authority-index-ignored url=%s reason=%s action=polling", self.url, exc)
+            index = None
+        with self._lock:
+            self._index = index
+
+    def wait_for_change(self, index: str, wait: int) -> bool:
+        """One blocking query presenting ``index``, held by the authority up to ``wait`` seconds:
+        True when the document changed (it is kept for the next :meth:`fetch`, and :attr:`index`
+        is the new one), False when the wait ended unchanged.
+
+        The socket timeout is ``wait`` plus ``authority.timeout``, so a dropped or hung connection
+        is noticed within the wait period and that margin. Raises ``AuthorityUnavailable`` (no
+        answer, a transport failure, another HTTP status, or :meth:`close_waits`),
+        ``DocumentRejected`` (an answer that breaks the protocol) or ``AuthorityError`` (an
+        XML-RPC fault). Never retries: the caller backs off."""
+        request = wait_call(
+            self._document_url(), index, wait, node_id=self.node_id, node_key=self._node_key,
+            session=self._session, margin=self.timeout, max_bytes=self.max_bytes,
+        )
+        status, headers, body = self._wait_exchange(request)
+        outcome = wait_outcome(request, status, headers, body)
+        if not isinstance(outcome, Changed):
+            return False
+        with self._lock:
+            self._kept, self._index = outcome, outcome.index
+        return True
+
+    def close_waits(self) -> None:
+        """End the blocking query in flight at once and refuse later ones (the daemon is
+        stopping). Idempotent; from any thread."""
+        with self._lock:
+            self._waits_closed = True
+            sock = self._wait_socket
+        if sock is not None:
+            _shutdown(sock)
+
+    def _document_url(self) -> str:
+        return self._slices_xml_url() if self.kind == KIND_SLICES_XML else self.url
+
+    def _wait_exchange(self, request: WaitRequest) -> tuple[int, dict[str, str], bytes]:
+        """Send one wait through the project's HTTP client; transport failures ->
+        AuthorityUnavailable, an oversized answer -> DocumentRejected."""
+
+        def connected(sock: socket.socket) -> None:
+            with self._lock:
+                self._wait_socket = sock
+                closed = self._waits_closed
+            if closed:
+                _shutdown(sock)
+
+        if self._waits_closed:
+            raise AuthorityUnavailable("blocking queries are closed (the node is stopping)")
+        try:
+            # the HTTP client types a body as text/xml, the only body a wait has
+            response = http_request(
+                request.url, method=request.method, body=request.body,
+                headers=(*request.headers, ("User-Agent", USER_AGENT)), timeout=request.timeout,
+                max_body=request.max_bytes, ssl_context=self._ssl_context, on_connect=connected,
+            )
+        except ResponseTooLarge as exc:
+            raise DocumentRejected(f"blocking query: {exc}") from exc
+        except HttpClientError as exc:
+            if self._waits_closed:
+                raise AuthorityUnavailable("blocking query ended: the node is stopping") from exc
+            raise AuthorityUnavailable(f"blocking query failed: {exc}") from exc
+        finally:
+            with self._lock:
+                self._wait_socket = None
+        return response.status, dict(response.headers), response.body
 
     def fetch_body(self) -> bytes:
         """The raw document bytes (retries included), before any parsing."""
@@ -174,69 +306,25 @@ class AuthorityClient:
 
     def _http(self, method: str, url: str, payload: bytes | None) -> bytes:
         """One HTTP exchange with a whole-response deadline; transient failures -> _TransientError."""
-        deadline = time.monotonic() + self.timeout
-        connection, target = http_connection(url, self.timeout, self._ssl_context)
-        headers = {"User-Agent": USER_AGENT}
-        if payload is not None:
-            headers["Content-Type"] = "text/xml"
-        response: http.client.HTTPResponse | None = None
         try:
-            connection.connect()
-            sock: Any = connection.sock
-            connection.request(method, target, body=payload, headers=headers)
-            response = connection.getresponse()
-            if response.status >= 500:
-                raise _TransientError(f"{url}: HTTP {response.status} {response.reason}")
-            if response.status != 200:
-                raise AuthorityUnavailable(f"{url}: HTTP {response.status} {response.reason}")
-            return read_capped_body(response, sock, deadline, self.max_bytes, f"{url}: the answer")
-        except ssl.SSLCertVerificationError as exc:
-            raise AuthorityUnavailable(f"{url}: TLS certificate verification failed: {exc.verify_message}") from exc
-        except TimeoutError as exc:
+            response = http_request(
+                url, method=method, body=payload or b"", headers=(("User-Agent", USER_AGENT),),
+                timeout=self.timeout, max_body=self.max_bytes, ssl_context=self._ssl_context,
+            )
+        except ResponseTooLarge as exc:
+            raise DocumentRejected(f"{url}: the answer is over the {self.max_bytes}-byte cap ({exc})") from exc
+        except TlsVerificationFailed as exc:
+            raise AuthorityUnavailable(f"{url}: {exc}") from exc
+        except ClientTimeout as exc:
             raise _TransientError(f"{url}: no complete answer within {self.timeout:g} s") from exc
-        except (OSError, http.client.HTTPException) as exc:
-            raise _TransientError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            if response is not None:
-                response.close()
-            connection.close()
-
-
-def http_connection(url: str, timeout: float,
-                    context: ssl.SSLContext | None) -> tuple[http.client.HTTPConnection, str]:
-    """An unopened connection to ``url``'s host (HTTPS verified with ``context``) and the request
-    target (path and query). Shared by the authority client and the conf-files fetch."""
-    parts = urlsplit(url)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if parts.scheme.lower() == "https":
-        return http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=context), target
-    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout), target
-
-
-def read_capped_body(response: http.client.HTTPResponse, sock: Any, deadline: float, max_bytes: int,
-                     what: str) -> bytes:
-    """The body of ``response``, at most ``max_bytes`` (an announced or a streamed excess is
-    ``DocumentRejected`` naming ``what``), read in chunks with the socket's timeout set to what is
-    left before ``deadline`` (``time.monotonic``): a server that trickles bytes cannot hold the
-    caller beyond it (``TimeoutError``). Shared by the authority client and the conf-files fetch."""
-    length = (response.getheader("Content-Length") or "").strip()
-    if length.isascii() and length.isdigit() and int(length) > max_bytes:
-        raise DocumentRejected(f"{what} is {int(length)} bytes, over the {max_bytes}-byte cap")
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        if sock.fileno() >= 0:  # http.client closes the socket once the body is complete
-            sock.settimeout(remaining)
-        chunk = response.read1(_CHUNK)
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > max_bytes:
-            raise DocumentRejected(f"{what} is over the {max_bytes}-byte cap")
-        chunks.append(chunk)
+        except HttpClientError as exc:
+            raise _TransientError(f"{url}: {exc}") from exc
+        if response.status >= 500:
+            raise _TransientError(f"{url}: HTTP {response.status}")
+        if response.status != 200:
+            raise AuthorityUnavailable(f"{url}: HTTP {response.status}")
+        self._last_headers = dict(response.headers)  # NM-Index
+        return response.body
 
 
 def _read_secret(path: str, key: str) -> str:
@@ -259,3 +347,12 @@ def _read_node_id(path: str, *, required: bool) -> int | None:
     if node_id is None:
         raise ConfigError(f"authority.node_id_file {path}: does not hold a node id (a positive integer)")
     return node_id
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Wake a thread blocked on ``sock`` (its recv returns end-of-file); the socket may already
+    be closed by its owner."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -254,12 +254,16 @@ def _check_sliver(entry: Mapping[str, Any], timestamp: int, initscripts: dict[st
 #: Top-level members of a GetSlivers answer (authority.md "What a real PLCAPI sends") and what the
 #: node does with each: parsed here, handed whole to a node-wide handler (``members``), or ignored
 #: on purpose -- with a debug line naming it, so an operator can see nothing is half-used.
-PARSED_MEMBERS = frozenset({"timestamp", "node_id", "hostname", "slivers", "initscripts", "bwcap", "interfaces"})
+#: ``nm_index`` is the document's version for blocking queries (the bundled authority's): read by
+#: the client (``authority.blocking.index_of_document``), never part of the records.
+PARSED_MEMBERS = frozenset({"timestamp", "node_id", "hostname", "slivers", "initscripts", "bwcap", "interfaces",
+                            "nm_index"})
 HANDLED_MEMBERS = frozenset({"accounts", "conf_files", "reservation_policy", "lease_granularity", "leases"})
 IGNORED_MEMBERS: Mapping[str, str] = {
     "hrn": "informational (the node's human-readable name)",
     "groups": "node groups: nothing on the node depends on them",
     "xmpp": "PLC's XMPP notification settings: this node has no XMPP client",
+    "nm_not_modified": "only meaningful in a GetSliversWait answer (authority.blocking), not in a document",
 }
 
 

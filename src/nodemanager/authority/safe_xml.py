@@ -5,10 +5,12 @@ resolution, no network access and libxml2's default depth/size limits; any DOCTY
 entity bombs and external entities all need one); the size cap is checked before parsing. Errors
 become :class:`DocumentRejected` at this boundary.
 
-XML-RPC bodies are decoded by the streaming decoder of :mod:`.xmlrpc_stream` (defusedxml's
-hardened expat; memory follows the result, not the document): it accepts what ``xmlrpc.client``
-produces and PLCAPI sends: ``int``/``i4``/``i8``, ``boolean``, ``double``, ``string`` (also as bare
-text), ``nil``, ``base64``, ``dateTime.iso8601``, ``array``, ``struct``.
+XML-RPC bodies are decoded by the project's one XML-RPC decoder, :mod:`nodemanager.http.xmlrpc`
+(defusedxml's hardened expat, streaming: memory follows the result, not the document), under its
+``RESPONSE`` and ``CALL`` policies: it accepts what ``xmlrpc.client`` produces and PLCAPI sends:
+``int``/``i4``/``i8``, ``boolean``, ``double``, ``string`` (also as bare text), ``nil``,
+``base64``, ``dateTime.iso8601``, ``array``, ``struct``. The functions here only add the size
+cap's wording and translate its errors into :class:`DocumentRejected` / :class:`AuthorityError`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from lxml import etree
 
 from ..core.errors import AuthorityError, DocumentRejected
-from .xmlrpc_stream import MalformedXmlRpc, decode
+from ..http.xmlrpc import CALL, RESPONSE, MalformedXmlRpc, Policy, decode
 
 
 def _hardened_parser() -> etree.XMLParser:
@@ -54,28 +56,26 @@ def parse_xml_safely(body: bytes, *, max_bytes: int, what: str) -> Any:
     return root
 
 
-def _decode(body: bytes, *, max_bytes: int, what: str, root: str) -> tuple[str | None, tuple[Any, ...], Any]:
+def _decode(body: bytes, *, max_bytes: int, what: str, policy: Policy) -> tuple[str | None, tuple[Any, ...], Any]:
     """Size cap, then the streaming decoder; errors become :class:`DocumentRejected`."""
     if not isinstance(body, bytes):
         raise DocumentRejected(f"{what} must be bytes, not {type(body).__name__}")
     if len(body) > max_bytes:
         raise DocumentRejected(f"{what} is {len(body)} bytes, over the {max_bytes}-byte cap")
     try:
-        found, method, params, fault = decode(body)
+        decoded = decode(body, policy)
     except MalformedXmlRpc as exc:
         raise DocumentRejected(f"malformed {what}: {exc}") from exc
-    if found != root:
-        raise DocumentRejected(f"malformed {what}: root element is <{found}>, not <{root}>")
-    return method, params, fault
+    return decoded.method, decoded.params, decoded.fault
 
 
 def loads_xmlrpc_response(body: bytes, max_bytes: int) -> Any:
     """The single value of an XML-RPC ``methodResponse``, parsed safely (streaming; see
-    :mod:`.xmlrpc_stream`).
+    :mod:`nodemanager.http.xmlrpc`).
 
     Raises :class:`DocumentRejected` for an oversized, hostile or malformed body and
     :class:`AuthorityError` carrying the fault string when the authority answered with a Fault."""
-    _, params, fault = _decode(body, max_bytes=max_bytes, what="XML-RPC response", root="methodResponse")
+    _, params, fault = _decode(body, max_bytes=max_bytes, what="XML-RPC response", policy=RESPONSE)
     if fault is not None:
         code = fault.get("faultCode") if isinstance(fault, dict) else None
         text = fault.get("faultString") if isinstance(fault, dict) else None
@@ -87,7 +87,6 @@ def loads_xmlrpc_response(body: bytes, max_bytes: int) -> Any:
 
 def loads_xmlrpc_call(body: bytes, max_bytes: int) -> tuple[str, tuple[Any, ...]]:
     """``(method name, params)`` of an XML-RPC ``methodCall``, parsed safely (server side)."""
-    method, params, _ = _decode(body, max_bytes=max_bytes, what="XML-RPC request", root="methodCall")
-    if not method:
-        raise DocumentRejected("malformed XML-RPC request: missing <methodName>")
+    method, params, _ = _decode(body, max_bytes=max_bytes, what="XML-RPC request", policy=CALL)
+    assert method is not None  # the CALL policy requires one
     return method, params

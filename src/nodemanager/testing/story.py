@@ -28,9 +28,9 @@ import pytest
 
 from ..api import forward
 from ..api.client import XmlRpcOverSsh
-from ..authority.issue import password_digest
-from ..authority.server import AuthorityServer
-from ..authority.signing import export_certificate
+from ..plc.issue import password_digest
+from ..plc.server import AuthorityServer
+from ..plc.signing import export_certificate
 from ..backends.account import AccountBackend
 from ..backends.delegate import default_forward_command, unprivileged_access_problems, wrapper_path_for
 from ..config import Config, parse_config

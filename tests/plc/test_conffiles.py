@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from nodemanager.authority.auth import hmac_auth
-from nodemanager.authority.model import getslivers_struct, load_authority_text
 from nodemanager.authority.parse import parse_getslivers_with_protection
-from nodemanager.authority.server import AuthorityServer
 from nodemanager.conffiles import ConfFilesHandler, HttpSourceFetcher
 from nodemanager.core.conffiles import validate_entries
-from nodemanager.core.errors import AuthorityUnavailable, ConfigError, DocumentRejected
+from nodemanager.core.errors import ConfigError
+from nodemanager.plc.model import getslivers_struct, load_authority_text
+from nodemanager.plc.server import AuthorityServer
 from nodemanager.testing.fakehost import FakeHost
 
 pytestmark = pytest.mark.timeout(30)
@@ -128,32 +128,3 @@ def test_the_node_handler_installs_from_the_bundled_authority(served: AuthorityS
     assert host.method_calls("run_shell") == [("run_shell", "echo done")]
     again = handler.install_all(doc.members["conf_files"], doc.node_id)
     assert {o.state.value for o in again} == {"unchanged"}
-
-
-# --------------------------------------------------------------------------- the node's fetcher
-def test_the_fetcher_verifies_https_against_ca_file(scripted_server: Any, self_signed: tuple[Path, Path]) -> None:
-    server = scripted_server([(200, b"content")], tls=self_signed)
-    url = f"https://127.0.0.1:{server.port}/conf_files/x"
-    assert HttpSourceFetcher(timeout=5, ca_file=str(self_signed[0]))(url) == b"content"
-    with pytest.raises(AuthorityUnavailable, match="certificate verification failed"):
-        HttpSourceFetcher(timeout=5)(url)  # the system CAs do not know this certificate
-
-
-def test_the_fetcher_refuses_an_unreadable_ca_file_at_construction(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="ca_file"):
-        HttpSourceFetcher(timeout=5, ca_file=str(tmp_path / "missing.pem"))
-
-
-def test_the_fetcher_has_a_whole_answer_deadline(trickling_server: int, stalled_port: int) -> None:
-    for port in (trickling_server, stalled_port):
-        with pytest.raises(AuthorityUnavailable, match="within 1 s"):
-            HttpSourceFetcher(timeout=1)(f"http://127.0.0.1:{port}/x")
-
-
-def test_the_fetcher_refuses_redirects_and_caps_the_size(scripted_server: Any) -> None:
-    server = scripted_server([(302, b""), (200, b"x" * 2000)])
-    fetch = HttpSourceFetcher(timeout=5, max_bytes=1000)
-    with pytest.raises(AuthorityUnavailable, match="HTTP 302"):
-        fetch(f"http://127.0.0.1:{server.port}/x")
-    with pytest.raises(DocumentRejected, match="1000-byte cap"):
-        fetch(f"http://127.0.0.1:{server.port}/x")

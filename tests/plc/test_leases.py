@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from nodemanager.authority.model import getslivers_struct, load_authority_text
 from nodemanager.authority.parse import parse_getslivers_with_protection
 from nodemanager.core.errors import ConfigError
 from nodemanager.core.leases import schedule_from_members
+from nodemanager.plc.model import getslivers_struct, load_authority_text
 
 DATA = """
 [[nodes]]

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from nodemanager.authority.issue import password_digest
-from nodemanager.authority.pgpsigning import pgp_paths
-from nodemanager.authority.ticketcli import add_ticket_parser, cmd_authority_ticket
 from nodemanager.core.errors import InvalidArgument
 from nodemanager.pgptickets import GpgvVerifier, dearmor, load_ticket_keyring, plc_ticket
+from nodemanager.plc.issue import password_digest
+from nodemanager.plc.pgpsigning import pgp_paths
+from nodemanager.plc.ticketcli import add_ticket_parser, cmd_authority_ticket
 from nodemanager.testing.openpgp import missing_tools
 
 pytestmark = pytest.mark.skipif(missing_tools("gpg", "gpgv", "gpgconf", "prlimit") is not None,

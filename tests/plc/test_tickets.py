@@ -15,16 +15,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from nodemanager.authority.auth import hmac_auth
-from nodemanager.authority.issue import password_digest
-from nodemanager.authority.model import load_authority_text, parse_duration
-from nodemanager.authority.server import AuthorityServer
-from nodemanager.authority.signing import export_certificate, load_or_create_identity
-from nodemanager.authority.ticketcli import (
+from nodemanager.core.errors import ConfigError, InvalidArgument, NotAllowedForSliver
+from nodemanager.plc.issue import password_digest
+from nodemanager.plc.model import load_authority_text, parse_duration, relative_expiry
+from nodemanager.plc.server import AuthorityServer
+from nodemanager.plc.signing import export_certificate, load_or_create_identity
+from nodemanager.plc.ticketcli import (
     add_export_cert_option,
     add_ticket_parser,
     cmd_authority_ticket,
 )
-from nodemanager.core.errors import ConfigError, InvalidArgument, NotAllowedForSliver
 from nodemanager.tickets import load_ticket_certificate, verify_ticket
 
 KEY_D = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPUu1j+SFdR6aTH02ad8zTIUcWRL3mwYxtpeUEMqQvvU dave@example.org"
@@ -186,7 +186,7 @@ def test_a_controller_member_gets_a_verifiable_ticket(authority: AuthorityServer
     assert data.initscript == "echo hi"
     assert before <= data.issued <= int(time.time()) + 1
     assert data.expires == data.issued + 7200
-    assert data.slice_expires == MTIME + 30 * 86400
+    assert data.slice_expires == relative_expiry(MTIME, 30 * 86400)
 
 
 def test_issued_increases_and_is_never_older_than_the_data(authority: AuthorityServer, authority_file: Path,

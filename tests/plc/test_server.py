@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from nodemanager.authority.auth import hmac_auth
-from nodemanager.authority.model import getslivers_struct, load_authority_text, slices_xml
 from nodemanager.authority.parse import parse_getslivers_with_protection, parse_slices_xml
-from nodemanager.authority.server import AuthorityServer, serve
 from nodemanager.core.errors import ConfigError, NotAllowedForSliver
 from nodemanager.core.records import DELEGATED, NM_CONTROLLER, NOT_INSTANTIATED, PLC_INSTANTIATED
+from nodemanager.plc.model import getslivers_struct, load_authority_text, slices_xml
+from nodemanager.plc.server import AuthorityServer, serve
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,7 +53,7 @@ def test_relative_expiry_counts_from_the_file_time_and_ints_become_strings() -> 
     data = load(NODE + f'[[slices]]\nname = "site_a"\nid = 1\nexpires = "+2h"\nkeys = ["{KEY}"]\n'
                 '[slices.attributes]\nnm_cpu_share = 3\nvsys = ["x", 5]\n', base_time=5000)
     [entry] = data.slices
-    assert entry.expires == 5000 + 7200
+    assert entry.expires == 4 * 3600  # 5000 + 2 h = 12200, rounded up to a whole hour (relative_expiry)
     assert entry.attributes == (("nm_cpu_share", "3"), ("vsys", "x"), ("vsys", "5"))
     assert entry.nodes is None and entry.instantiation == PLC_INSTANTIATED and data.timestamp == 1000
 

@@ -43,7 +43,7 @@ from signxml import (
 )
 
 from ..core.errors import ConfigError
-from .model import TicketSettings
+from .model import TicketSettings, load_authority_text
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +203,6 @@ def export_certificate(data_path: Path, out_path: Path) -> Path:
     """Write the certificate of the authority whose data file is ``data_path`` to ``out_path``
     (mode 0644; generating key and certificate on first use) for nodes' ``authority.ticket_cert``.
     Honours the data file's ``key_file``/``cert_file``. Returns ``out_path``."""
-    from .model import load_authority_text
-
     data_path = Path(data_path)
     try:
         text = data_path.read_text(encoding="utf-8")

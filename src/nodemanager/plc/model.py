@@ -20,7 +20,7 @@ The file (see ``examples/demo-slices.toml``)::
     name = "site_alpha"          # a valid slice name (core.records.validate_name)
     id = 101                     # slice_id, unique
     instantiation = "plc-instantiated"  # default; or delegated | nm-controller | not-instantiated
-    expires = "+30d"             # default "+30d": relative to the file's modification time
+    expires = "+30d"             # default "+30d": the file's modification time plus 30 days, rounded up to a day
                                  # (s, m, h, d, w suffixes), or an absolute epoch (int)
     nodes = [1]                  # default "all"
     keys = ["ssh-ed25519 AAAA... alice@example.org"]   # OpenSSH public key lines
@@ -37,9 +37,15 @@ The file (see ``examples/demo-slices.toml``)::
                                  # slice among them and for each delegated slice they control
 
 Validation is complete and up front: an error names the slice (or node) and the field, e.g.
-``slices[2] ('site_beta').expires: ...``, so a typo never reaches a node. Relative expiries count
-from the file's modification time, so an unchanged file yields byte-identical documents (nodes see
-no change and do no work) and editing it refreshes them.
+``slices[2] ('site_beta').expires: ...``, so a typo never reaches a node.
+
+Relative expiries (``expires = "+30d"``) count from the file's modification time and are rounded
+UP to a whole day (UTC midnight) -- or to a whole hour for a duration under a day -- by
+:func:`relative_expiry`: a sliver lives at least the duration asked, and an edit of the file leaves
+every other slice's ``expires`` unchanged (except once a day, when the rounded value moves). So an
+edit that concerns one node changes that node's document only, and blocking queries wake only that
+node (docs/blocking-queries.md); an unchanged file yields identical documents. Relative lease times
+(``t_from = "+1h"``) are exact offsets from the modification time: they concern only their node.
 """
 
 from __future__ import annotations
@@ -55,9 +61,9 @@ from lxml import etree
 
 from ..core.errors import ConfigError, InvalidName
 from ..core.records import DELEGATED, INSTANTIATIONS, NM_CONTROLLER, PLC_INSTANTIATED, validate_name
+from ..authority.parse import is_openssh_public_key, is_tag_name
 from .conffiledata import DEFAULT_DIR, ConfFileEntry, ConfFileSpec, conf_files_for, parse_conf_files
 from .leasedata import LeaseSpec, NodeLeases, parse_node_leases
-from .parse import is_openssh_public_key, is_tag_name
 
 XMLRPC_INT_MAX = 2**31 - 1
 #: Characters XML 1.0 cannot carry (nor XML-RPC, nor slices.xml): refused up front.
@@ -216,6 +222,22 @@ def _msgspec_where(message: str, raw: Mapping[str, Any]) -> str:
     return path
 
 
+def relative_expiry(base_time: int, seconds: int) -> int:
+    """``base_time + seconds`` rounded up to a whole day (86400 s), or to a whole hour for a
+    duration under a day: later edits of the file on the same day (hour) give the same value."""
+    step = 86400 if seconds >= 86400 else 3600
+    return min(-(-(base_time + seconds) // step) * step, XMLRPC_INT_MAX)
+
+
+def _slice_expires(value: int | str, base: int) -> int:
+    if isinstance(value, int):
+        return _expires(value, base)
+    match = _RELATIVE.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is neither an epoch nor a relative time like '+30d'")
+    return relative_expiry(base, int(match.group(1)) * _UNITS[match.group(2)])
+
+
 def _expires(value: int | str, base: int) -> int:
     if isinstance(value, int):
         if not 0 <= value <= XMLRPC_INT_MAX:
@@ -260,7 +282,7 @@ def _attributes(raw: Mapping[str, AttributeValue]) -> tuple[tuple[str, str], ...
 
 def parse_authority_data(raw: Mapping[str, Any], *, timestamp: int, base_time: int, origin: str) -> AuthorityData:
     """Validate the decoded TOML. ``timestamp`` is used unless the file fixes one; relative
-    expiries count from ``base_time``."""
+    times count from ``base_time`` (the file's modification time; see :func:`relative_expiry`)."""
     try:
         spec = msgspec.convert(dict(raw), _AuthorityFile, strict=True)
     except msgspec.ValidationError as exc:
@@ -305,7 +327,7 @@ def parse_authority_data(raw: Mapping[str, Any], *, timestamp: int, base_time: i
         if item.instantiation not in INSTANTIATIONS:
             raise _fail(origin, f"{where}.instantiation", f"must be one of {', '.join(INSTANTIATIONS)}")
         try:
-            expires = _expires(item.expires, base_time)
+            expires = _slice_expires(item.expires, base_time)
         except ValueError as exc:
             raise _fail(origin, f"{where}.expires", str(exc)) from exc
         if isinstance(item.nodes, str):
@@ -398,32 +420,41 @@ def sliver_attributes(entry: SliceEntry) -> list[tuple[str, str]]:
     return list(entry.attributes) + extra
 
 
-def getslivers_struct(data: AuthorityData, node_id: int) -> dict[str, Any]:
-    """The GetSlivers answer for ``node_id`` (KeyError if the node is unknown)."""
+def sliver_struct(entry: SliceEntry) -> dict[str, Any]:
+    """One sliver of a GetSlivers answer: the same for every node the slice is on."""
+    return {
+        "name": entry.name,
+        "slice_id": entry.slice_id,
+        "instantiation": entry.instantiation,
+        "expires": entry.expires,
+        "keys": [{"key_type": "ssh", "key": key} for key in entry.keys],
+        "attributes": [{"tagname": tag, "value": value} for tag, value in sliver_attributes(entry)],
+        "GetSliceFamily": SLICE_FAMILY,
+    }
+
+
+def node_members(data: AuthorityData, node_id: int) -> dict[str, Any]:
+    """The members of ``node_id``'s GetSlivers answer other than ``slivers`` (KeyError if the
+    node is unknown)."""
     node = data.node(node_id)
-    document: dict[str, Any] = {
+    members: dict[str, Any] = {
         "timestamp": data.timestamp,
         "node_id": node.node_id,
         "hostname": node.hostname,
         "initscripts": [],
-        "slivers": [
-            {
-                "name": entry.name,
-                "slice_id": entry.slice_id,
-                "instantiation": entry.instantiation,
-                "expires": entry.expires,
-                "keys": [{"key_type": "ssh", "key": key} for key in entry.keys],
-                "attributes": [{"tagname": tag, "value": value} for tag, value in sliver_attributes(entry)],
-                "GetSliceFamily": SLICE_FAMILY,
-            }
-            for entry in data.slices_for(node_id)
-        ],
     }
     if node.bwcap_kbps is not None:
-        document["bwcap"] = node.bwcap_kbps
+        members["bwcap"] = node.bwcap_kbps
     if data.conf_files:
-        document["conf_files"] = conf_files_for(data.conf_files, node_id)
-    document.update(node.leases.members())
+        members["conf_files"] = conf_files_for(data.conf_files, node_id)
+    members.update(node.leases.members())
+    return members
+
+
+def getslivers_struct(data: AuthorityData, node_id: int) -> dict[str, Any]:
+    """The GetSlivers answer for ``node_id`` (KeyError if the node is unknown)."""
+    document = node_members(data, node_id)
+    document["slivers"] = [sliver_struct(entry) for entry in data.slices_for(node_id)]
     return document
 
 
