@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from nodemanager.plc.server import AuthorityServer
 
 IS_ROOT = os.geteuid() == 0
 ROOT_REASON = "needs root (real accounts, processes, file ownership)"
@@ -86,3 +89,75 @@ def _no_parent_cgroups_left() -> Iterator[None]:
                 group.rmdir()
             except OSError:
                 pass
+
+
+# --- the bundled authority with a small data file (tests/plc, tests/authority) ---------------------
+KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMjWLHebuAEps9lj+CyuRVy+mJfSXdcmDLlw97+0NnDm alice@example.org"
+KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDvR4rkn4Jw4FN8KitX2uxIcB9cweEN2Muo86cwVggpI bob@example.org"
+
+AUTHORITY_TOML = f"""
+[[nodes]]
+id = 1
+hostname = "node1.example.org"
+key = "node-one-key"
+bwcap = 50000
+
+[[nodes]]
+id = 2
+key = "node-two-key"
+
+[[slices]]
+name = "site_alpha"
+id = 101
+nodes = [1]
+keys = ["{KEY_A}"]
+initscript = "echo hello"
+[slices.attributes]
+nm_cpu_share = 2
+vsys = ["a", "b"]
+
+[[slices]]
+name = "site_ctrl"
+id = 102
+instantiation = "nm-controller"
+keys = ["{KEY_B}"]
+
+[[slices]]
+name = "site_deleg"
+id = 103
+instantiation = "delegated"
+controller = "site_ctrl"
+nodes = [2]
+"""
+
+
+@pytest.fixture
+def authority_file(tmp_path: Path) -> Path:
+    path = tmp_path / "authority.toml"
+    path.write_text(AUTHORITY_TOML)
+    return path
+
+
+@pytest.fixture
+def authority(authority_file: Path) -> Iterator[AuthorityServer]:
+    server = AuthorityServer(authority_file, "127.0.0.1", 0)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for 127.0.0.1 (needs the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return cert, key

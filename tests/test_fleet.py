@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from nodemanager.core.errors import ConfigError
-from nodemanager.fleet import load_keys, shares
+from nodemanager.fleet.simulator import load_keys, shares
 from nodemanager.plc.server import AuthorityServer
 from nodemanager.store import Store
 

@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_export_cert_option(serve)
     add_ticket_parser(authority_sub)
-    from .fleetcli import add_fleet_parser
+    from .fleet.cli import add_fleet_parser
 
     add_fleet_parser(sub)
     return parser
@@ -284,7 +284,7 @@ def cmd_authority(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    from .fleetcli import cmd_fleet as fleet
+    from .fleet.cli import cmd_fleet as fleet
 
     return fleet(args)
 

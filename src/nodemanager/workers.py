@@ -50,7 +50,7 @@ class Completion:
     @classmethod
     def resolved(cls, result: Any = None, error: BaseException | None = None) -> Completion:
         """A Completion that has already finished (a job run inline by its submitter, as the
-        fleet simulator's hollow nodes do: ``fleetnode.InlinePool``)."""
+        fleet simulator's hollow nodes do: ``fleet.node.InlinePool``)."""
         completion = cls()
         completion._finish(result, error)
         return completion

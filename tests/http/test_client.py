@@ -4,10 +4,8 @@ server core and against hostile raw servers: truncated, oversized, garbage, drip
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,22 +197,8 @@ def test_a_silent_server_times_out() -> None:
 
 # --------------------------------------------------------------------------- TLS
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return cert, key
-
-
-def test_tls_is_verified(certificate: tuple[Path, Path]) -> None:
-    cert, key = certificate
+def test_tls_is_verified(self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     with raw_server(sends(OK_HEAD + b"Content-Length: 2\r\n\r\nok"), tls=server_context) as url:

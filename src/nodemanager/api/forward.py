@@ -33,7 +33,8 @@ try:
 except ImportError:  # pragma: no cover - other Python implementations
     import socket as _sock  # type: ignore[no-redef]
 
-from ..http.framing import ChunkedDecoder, ProtocolError, encode_request, parse_response_head
+from ..http.framing import BodyTooLarge, ProtocolError, encode_request
+from ..http.responses import ResponseCutShort, ResponseReader
 
 TYPE_CHECKING = False  # typing itself costs ~7 ms to import: only type checkers read this branch
 if TYPE_CHECKING:
@@ -108,65 +109,28 @@ def build_request(body: bytes) -> bytes:
                           headers=(("User-Agent", "forward_api_calls"),), keep_alive=False)
 
 
-def _fill(sock: _sock.socket, total: list[int]) -> bytes:
-    """The next bytes from ``sock`` (b"" at end-of-file), counted against the response cap."""
-    chunk = sock.recv(65536)
-    total[0] += len(chunk)
-    if total[0] > MAX_RESPONSE_BYTES + MAX_HEADER_BYTES:
-        raise TransportError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
-    return chunk
-
-
 def read_response(sock: _sock.socket) -> tuple[int, str, bytes]:
-    """``(status, reason, body)`` of one HTTP/1.x response (framing: :mod:`nodemanager.http.framing`):
-    Content-Length, chunked, or close-delimited bodies."""
-    total = [0]
-    buffer = b""
-    while True:
-        end = buffer.find(b"\r\n\r\n")
-        if end >= 0:
-            try:
-                head = parse_response_head(buffer[: end + 4])
-            except ProtocolError as exc:
-                raise TransportError(f"malformed HTTP response: {exc}") from None
-            buffer = buffer[end + 4:]
-            if not 100 <= head.status < 200:
-                break
-            continue  # an interim answer (100 Continue): the real one follows
-        if len(buffer) > MAX_HEADER_BYTES:
-            raise TransportError("malformed HTTP response: header section too long")
-        chunk = _fill(sock, total)
-        if not chunk:
-            raise TransportError("the node manager closed the connection before answering")
-        buffer += chunk
-    if head.chunked:
-        decoder = ChunkedDecoder(MAX_RESPONSE_BYTES)
-        try:
-            parts = [decoder.feed(buffer)]
-            while not decoder.done:
-                chunk = _fill(sock, total)
-                if not chunk:
-                    raise TransportError("the node manager's response was cut short")
-                parts.append(decoder.feed(chunk))
-        except ProtocolError as exc:
-            raise TransportError(f"malformed chunked HTTP body: {exc}") from None
-        return head.status, head.reason, b"".join(parts)
-    length = head.content_length
-    if length is not None:
-        if length > MAX_RESPONSE_BYTES:
-            raise TransportError(f"unusable Content-Length {length}")
-        parts, have = [buffer[:length]], min(len(buffer), length)
-        while have < length:
-            chunk = _fill(sock, total)
-            if not chunk:
-                raise TransportError("the node manager's response was cut short")
-            parts.append(chunk[: length - have])
-            have += len(parts[-1])
-        return head.status, head.reason, b"".join(parts)
-    parts = [buffer]
-    while chunk := _fill(sock, total):
-        parts.append(chunk)
-    return head.status, head.reason, b"".join(parts)
+    """``(status, reason, body)`` of one HTTP/1.x response (framing:
+    :class:`nodemanager.http.responses.ResponseReader`): Content-Length, chunked, or
+    close-delimited bodies, at most ``MAX_RESPONSE_BYTES``."""
+    reader = ResponseReader(max_body=MAX_RESPONSE_BYTES, max_head=MAX_HEADER_BYTES)
+    try:
+        while not reader.done:
+            chunk = sock.recv(65536)
+            if chunk:
+                reader.feed(chunk)
+            else:
+                reader.end_of_stream()
+    except ResponseCutShort as exc:
+        raise TransportError("the node manager's response was cut short" if exc.answered
+                             else "the node manager closed the connection before answering") from None
+    except BodyTooLarge:
+        raise TransportError(f"response larger than {MAX_RESPONSE_BYTES} bytes") from None
+    except ProtocolError as exc:
+        raise TransportError(f"malformed HTTP response: {exc}") from None
+    head = reader.head
+    assert head is not None
+    return head.status, head.reason, reader.body
 
 
 def forward(body: bytes, socket_path: str, timeout: float) -> bytes:

@@ -222,8 +222,8 @@ def wait_outcome(
     index = data.get(INDEX_MEMBER)
     if not is_index(index):
         raise DocumentRejected(f"{METHOD}: the answer's {INDEX_MEMBER} is {_show(index)}, not an index")
-    flag = data.get(NOT_MODIFIED_MEMBER)
-    if flag is not None:
+    if NOT_MODIFIED_MEMBER in data:  # even <nil/>: only ``true`` means anything
+        flag = data[NOT_MODIFIED_MEMBER]
         if flag is not True:
             raise DocumentRejected(f"{METHOD}: {NOT_MODIFIED_MEMBER} must be true when present, not {_show(flag)}")
         if index != request.index:

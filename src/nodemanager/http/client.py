@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .framing import MAX_RESPONSE_HEAD_BYTES, BodyTooLarge, ChunkedDecoder, ProtocolError, ResponseHead, encode_request, \
-    parse_response_head
+from .framing import BodyTooLarge, ProtocolError, encode_request
+from .responses import ResponseCutShort, ResponseReader
 
 __all__ = [
     "ClientResponse", "ClientTimeout", "Connection", "ConnectionFailed", "HttpClientError", "MalformedResponse",
-    "ResponseTooLarge", "TlsVerificationFailed", "request", "split_url",
+    "ResponseTooLarge", "TlsVerificationFailed", "request", "host_header", "split_url", "step_timeout", "translated_errors",
 ]
 
 _CHUNK = 256 * 1024
@@ -76,71 +76,24 @@ def split_url(url: str) -> tuple[str, str, int, str]:
     return scheme, host, port, target
 
 
-class _Exchange:
-    """Reads from one socket against a per-operation timeout and an overall deadline."""
+def step_timeout(timeout: float, deadline: float) -> float:
+    """Seconds the next step of an exchange may take: ``timeout``, or less as the deadline
+    (``time.monotonic``) nears; :class:`ClientTimeout` once it has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ClientTimeout("no complete answer before the deadline")
+    return min(timeout, remaining)
 
-    def __init__(self, sock: socket.socket, timeout: float, deadline: float) -> None:
-        self.sock = sock
-        self.timeout = timeout
-        self.deadline = deadline
-        self.buffer = b""
 
-    def recv(self) -> bytes:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise ClientTimeout("no complete answer before the deadline")
-        self.sock.settimeout(min(self.timeout, remaining))
-        return self.sock.recv(_CHUNK)
+def host_header(host: str, port: int) -> str:
+    """The Host header's value for ``host:port`` (the port left out when it is the scheme's)."""
+    return host if port in (80, 443) else f"{host}:{port}"
 
-    def head(self) -> bytes:
-        buffer = self.buffer
-        while (end := buffer.find(b"\r\n\r\n")) < 0:
-            if len(buffer) > MAX_RESPONSE_HEAD_BYTES:
-                raise MalformedResponse(f"response head over {MAX_RESPONSE_HEAD_BYTES} bytes")
-            chunk = self.recv()
-            if not chunk:
-                raise ConnectionFailed("the server closed the connection before answering"
-                                       if not buffer else "the server closed the connection mid-head")
-            buffer += chunk
-        self.buffer = buffer[end + 4:]
-        return buffer[: end + 4]
 
-    def body(self, head: ResponseHead, max_body: int, bodyless: bool) -> bytes:
-        if bodyless:
-            return b""
-        if head.chunked:
-            decoder = ChunkedDecoder(max_body)
-            parts = [decoder.feed(self.buffer)]
-            while not decoder.done:
-                chunk = self.recv()
-                if not chunk:
-                    raise ConnectionFailed("the response was cut short (chunked body incomplete)")
-                parts.append(decoder.feed(chunk))
-            self.buffer = decoder.unused
-            return b"".join(parts)
-        length = head.content_length
-        if length is not None:
-            if length > max_body:
-                raise ResponseTooLarge(f"the body is {length} bytes, over the {max_body}-byte cap")
-            parts, total = [self.buffer[:length]], min(len(self.buffer), length)
-            self.buffer = self.buffer[length:]  # what follows the body (nothing, normally)
-            while total < length:
-                chunk = self.recv()
-                if not chunk:
-                    raise ConnectionFailed(f"the response was cut short ({total} of {length} bytes)")
-                parts.append(chunk[: length - total])
-                total += len(parts[-1])
-            return b"".join(parts)
-        parts, total = [self.buffer], len(self.buffer)  # delimited by the close
-        self.buffer = b""
-        while True:
-            if total > max_body:
-                raise ResponseTooLarge(f"the body is over the {max_body}-byte cap")
-            chunk = self.recv()
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            total += len(chunk)
+def _recv(sock: socket.socket, timeout: float, deadline: float) -> bytes:
+    """The next bytes from ``sock`` (b"" at end of stream), within ``timeout`` and the deadline."""
+    sock.settimeout(step_timeout(timeout, deadline))
+    return sock.recv(_CHUNK)
 
 
 def request(
@@ -168,18 +121,18 @@ def request(
     scheme, host, port, target = split_url(url)
     if deadline is None:
         deadline = time.monotonic() + timeout
-    data = encode_request(method, target, host=_host_header(host, port), body=body, headers=headers,
+    data = encode_request(method, target, host=host_header(host, port), body=body, headers=headers,
                           keep_alive=False)
     where = unix_socket or f"{host}:{port}"
     sock: socket.socket | None = None
     try:
-        with _translated(where, timeout, deadline):
+        with translated_errors(where, timeout, deadline):
             sock = _connect(scheme, host, port, unix_socket, ssl_context, timeout, deadline)
             if on_connect is not None:
                 on_connect(sock)
             sock.sendall(data)
-            head, content, _exchange = _receive(sock, method, timeout, deadline, max_body)
-            return ClientResponse(head.status, head.headers, content)
+            reader = _receive(sock, method, timeout, deadline, max_body)
+            return _response(reader)
     finally:
         if sock is not None:
             sock.close()
@@ -208,18 +161,17 @@ class Connection:
         """One request on the kept connection (opened when needed); the whole response."""
         if deadline is None:
             deadline = time.monotonic() + self.timeout
-        data = encode_request(method, target, host=_host_header(self.host, self.port), body=body, headers=headers)
+        data = encode_request(method, target, host=host_header(self.host, self.port), body=body, headers=headers)
         for attempt in (1, 2):
             reused = self._sock is not None
             try:
-                with _translated(self.where, self.timeout, deadline):
+                with translated_errors(self.where, self.timeout, deadline):
                     if self._sock is None:
                         self._sock = _connect(self.scheme, self.host, self.port, self.unix_socket,
                                               self.ssl_context, self.timeout, deadline)
                     try:
                         self._sock.sendall(data)
-                        head, content, exchange = _receive(self._sock, method, self.timeout, deadline,
-                                                           self.max_body)
+                        reader = _receive(self._sock, method, self.timeout, deadline, self.max_body)
                     except (BrokenPipeError, _Unanswered):  # nothing of an answer arrived
                         if reused and attempt == 1:
                             self.close()
@@ -228,9 +180,10 @@ class Connection:
             except BaseException:
                 self.close()
                 raise
-            if not head.keep_alive or exchange.buffer:
+            assert reader.head is not None
+            if not reader.head.keep_alive or reader.unused:
                 self.close()  # the server closes, or sent more than asked: start afresh next time
-            return ClientResponse(head.status, head.headers, content)
+            return _response(reader)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
@@ -240,29 +193,28 @@ class Connection:
             sock.close()
 
 
+def _response(reader: ResponseReader) -> ClientResponse:
+    assert reader.head is not None
+    return ClientResponse(reader.head.status, reader.head.headers, reader.body)
+
+
 class _Unanswered(ConnectionFailed):
     """The connection ended before any byte of the answer arrived."""
 
 
-def _host_header(host: str, port: int) -> str:
-    return host if port in (80, 443) else f"{host}:{port}"
-
-
 def _connect(scheme: str, host: str, port: int, unix_socket: str | None, ssl_context: ssl.SSLContext | None,
              timeout: float, deadline: float) -> socket.socket:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise ClientTimeout("the deadline passed before connecting")
+    step = step_timeout(timeout, deadline)
     if unix_socket is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(min(timeout, remaining))
+            sock.settimeout(step)
             sock.connect(unix_socket)
         except BaseException:
             sock.close()
             raise
     else:
-        sock = socket.create_connection((host, port), timeout=min(timeout, remaining))
+        sock = socket.create_connection((host, port), timeout=step)
     if scheme == "https":
         context = ssl_context if ssl_context is not None else ssl.create_default_context()
         try:
@@ -274,24 +226,28 @@ def _connect(scheme: str, host: str, port: int, unix_socket: str | None, ssl_con
 
 
 def _receive(sock: socket.socket, method: str, timeout: float, deadline: float,
-             max_body: int) -> tuple[ResponseHead, bytes, _Exchange]:
-    exchange = _Exchange(sock, timeout, deadline)
+             max_body: int) -> ResponseReader:
+    """The complete response read from ``sock`` (framing: :class:`.responses.ResponseReader`).
+    Raises :class:`_Unanswered` when the connection ended before any byte of it arrived."""
+    reader = ResponseReader(max_body=max_body, head_only=method == "HEAD")
     try:
-        raw = exchange.head()
-    except (ConnectionFailed, ConnectionResetError) as exc:
-        if exchange.buffer:
+        while not reader.done:
+            chunk = _recv(sock, timeout, deadline)
+            if chunk:
+                reader.feed(chunk)
+            else:
+                reader.end_of_stream()
+    except ResponseCutShort as exc:
+        raise (ConnectionFailed if exc.answered else _Unanswered)(str(exc)) from exc
+    except ConnectionResetError as exc:
+        if reader.received:
             raise
-        raise _Unanswered(str(exc) or "the server closed the connection before answering") from exc
-    head = parse_response_head(raw)
-    while 100 <= head.status < 200:  # interim answers (100 Continue): the real one follows
-        head = parse_response_head(exchange.head())
-    bodyless = method == "HEAD" or head.status in (204, 304)
-    content = exchange.body(head, max_body, bodyless)
-    return head, content, exchange
+        raise _Unanswered("connection reset by the server before answering (ConnectionResetError)") from exc
+    return reader
 
 
 @contextmanager
-def _translated(where: str, timeout: float, deadline: float) -> Iterator[None]:
+def translated_errors(where: str, timeout: float, deadline: float) -> Iterator[None]:
     """Every failure of an exchange as an :class:`HttpClientError` naming ``where``."""
     try:
         yield
@@ -299,6 +255,8 @@ def _translated(where: str, timeout: float, deadline: float) -> Iterator[None]:
         raise type(exc)(f"{where}: {exc}") from exc
     except BodyTooLarge as exc:
         raise ResponseTooLarge(f"{where}: {exc}") from exc
+    except ResponseCutShort as exc:
+        raise ConnectionFailed(f"{where}: {exc}") from exc
     except ProtocolError as exc:
         raise MalformedResponse(f"{where}: malformed response: {exc}") from exc
     except ssl.SSLCertVerificationError as exc:

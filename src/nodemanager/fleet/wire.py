@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .authority.auth import hmac_auth
-from .authority.blocking import Changed, WaitRequest, index_of_document, offers_blocking, wait_call, wait_outcome
-from .authority.parse import KIND_SLICES_XML, KIND_XMLRPC, document_kind
-from .core.errors import AuthorityUnavailable, ConfigError, DocumentRejected
-from .fleetnode import MAX_DOCUMENT_BYTES
-from .http.aclient import arequest
-from .http.client import HttpClientError, ResponseTooLarge
+from ..authority.auth import hmac_auth
+from ..authority.blocking import Changed, WaitRequest, index_of_document, offers_blocking, wait_call, wait_outcome
+from ..authority.parse import KIND_SLICES_XML, KIND_XMLRPC, document_kind
+from ..core.errors import AuthorityUnavailable, ConfigError, DocumentRejected
+from .node import MAX_DOCUMENT_BYTES
+from ..http.aclient import arequest
+from ..http.client import HttpClientError, ResponseTooLarge
 
 USER_AGENT = "nodemanager-fleet"
 
@@ -125,7 +125,7 @@ class NodeExchange:
             raise AuthorityUnavailable(f"{self._fetch_url}: HTTP {answer.status}")
         if self.kind == KIND_SLICES_XML:
             return Reading(answer.body, _index_or_none(KIND_SLICES_XML, answer.headers, None))
-        from .authority.safe_xml import loads_xmlrpc_response
+        from ..authority.safe_xml import loads_xmlrpc_response
 
         data = loads_xmlrpc_response(answer.body, MAX_DOCUMENT_BYTES)
         if not isinstance(data, Mapping):

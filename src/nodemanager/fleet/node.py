@@ -26,7 +26,7 @@ node:
   daemon too) and no lease schedule (it would need a thread per node; leases are not what a fleet
   run measures);
 * the document is not fetched by ``AuthorityClient``: the simulator's asyncio loop fetched it
-  (``fleetwire``), and :meth:`HollowNode.apply` hands it to the Syncer as its ``fetch``.
+  (:mod:`.wire`), and :meth:`HollowNode.apply` hands it to the Syncer as its ``fetch``.
 
 Threads: :meth:`HollowNode.apply` runs on one of the simulator's few application threads, never
 concurrently for the same node (the node's coroutine awaits it).
@@ -39,15 +39,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .authority.parse import load_document, parse_getslivers_with_protection
-from .backends.hollow import HollowBackend
-from .clock import Clock
-from .core.errors import StoreError
-from .core.records import AuthorityDocument
-from .operations import SliverOperations
-from .store import Store
-from .sync import SyncOutcome, Syncer
-from .workers import Completion
+from ..authority.parse import load_document, parse_getslivers_with_protection
+from ..backends.hollow import HollowBackend
+from ..clock import Clock
+from ..core.errors import StoreError
+from ..core.records import AuthorityDocument
+from ..operations import SliverOperations
+from ..store import Store
+from ..sync import SyncOutcome, Syncer
+from ..workers import Completion
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .core.errors import ConfigError
+from ..core.errors import ConfigError
 
 #: Node ids fit PLCAPI's int (XML-RPC i4).
 MAX_NODE_ID = 2**31 - 1
@@ -71,7 +71,7 @@ def add_fleet_parser(subparsers: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .fleet import FleetSettings
+    from .simulator import FleetSettings
 
     if not 1 <= args.nodes <= 1_000_000:
         raise ConfigError("--nodes must be 1..1000000")
@@ -91,8 +91,8 @@ def _settings(args: argparse.Namespace) -> Any:
 def cmd_fleet(args: argparse.Namespace) -> int:
     import logging
 
-    from .fleet import check_settings, load_keys, raise_nofile_limit
-    from .logsetup import configure_logging
+    from .simulator import check_settings, load_keys, raise_nofile_limit
+    from ..logsetup import configure_logging
 
     settings = _settings(args)
     configure_logging(None, foreground=True, level=logging.WARNING)
@@ -122,7 +122,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def _run_here(settings: Any, keys: dict[int, str], data_dir: Path, report_path: Path | None) -> Any:
-    from .fleet import Fleet, ReportWriter
+    from .simulator import Fleet, ReportWriter
 
     report = ReportWriter(report_path) if report_path is not None else None
     fleet = Fleet(settings, keys=keys, data_dir=data_dir, report=report)
@@ -147,7 +147,7 @@ def _run_children(args: argparse.Namespace, data_dir: Path) -> tuple[Any, bool]:
     """Run ``--processes`` children of this command, each on a contiguous share of the nodes;
     SIGINT/SIGTERM are passed on; their summaries are added up. True with the summary when a
     child failed (its status and missing summary are among the summary's errors)."""
-    from .fleet import FleetSummary, shares
+    from .simulator import FleetSummary, shares
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

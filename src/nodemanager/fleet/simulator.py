@@ -2,7 +2,7 @@
 
 Like Kubernetes' kubemark (hollow kubelets against a real control plane), the simulator runs N
 hollow nodes -- each with its own node id, node key and SQLite store, the hollow backend, and the
-node's real document path (:mod:`.fleetnode`) -- against one authority, to measure the authority
+node's real document path (:mod:`.node`) -- against one authority, to measure the authority
 and the propagation of a change through a fleet on one machine.
 
 Shape (why it is cheap per node):
@@ -49,13 +49,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .authority.parse import KIND_XMLRPC, document_kind
-from .clock import SystemClock
-from .core.errors import ConfigError, NodeManagerError
-from .core.retry import backoff_delay
-from .fleetnode import HollowNode
-from .fleetwire import Answer, NodeExchange, Reading, check_authority_url
-from .sync import SyncOutcome, SyncResult
+from ..authority.parse import KIND_XMLRPC, document_kind
+from ..clock import SystemClock
+from ..core.errors import ConfigError, NodeManagerError
+from ..core.retry import backoff_delay
+from .node import HollowNode
+from .wire import Answer, NodeExchange, Reading, check_authority_url
+from ..sync import SyncOutcome, SyncResult
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ SAMPLE_ERRORS = 5
 
 @dataclass(frozen=True, slots=True)
 class FleetSettings:
-    """What ``fleet simulate`` was asked to do (its options; see ``fleetcli``)."""
+    """What ``fleet simulate`` was asked to do (its options; see :mod:`.cli`)."""
 
     authority: str
     nodes: int
