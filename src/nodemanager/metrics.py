@@ -55,10 +55,13 @@ from .core.errors import (
     StoreError,
     TicketReason,
 )
+from .api.fairness import CallerLimits
+from .api.identity import TRANSPORT_TCP, PeerIdentity
+from .api.peercred import tcp_peer
 from .core.records import AccountState, ValveState
+from .datadir import Meta
 from .http.framing import Request, Response
 from .http.server import HttpServer
-from .datadir import Meta
 from .leasing import LeaseCollector
 
 if TYPE_CHECKING:
@@ -206,6 +209,8 @@ class _StateCollector(Collector):
 
 #: Open scrape connections at once; one more is answered 503 (scrapers are few).
 MAX_SCRAPE_CONNECTIONS = 64
+#: Open scrape connections of one uid at once (root exempt): a sliver must not take them all.
+MAX_SCRAPE_CONNECTIONS_PER_UID = 4
 #: Seconds a scraper has to send its request (and may stay idle between scrapes).
 SCRAPE_READ_TIMEOUT = 10.0
 
@@ -387,8 +392,12 @@ class NodeMetrics:
         except OSError as exc:
             raise NodeManagerError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
         bound = sock.getsockname()[:2]
+        limits = CallerLimits(max_connections=MAX_SCRAPE_CONNECTIONS_PER_UID)
         server = HttpServer(self._scrape, methods=("GET", "HEAD"), max_request_bytes=0,
-                            read_timeout=SCRAPE_READ_TIMEOUT, max_connections=MAX_SCRAPE_CONNECTIONS, name="metrics")
+                            read_timeout=SCRAPE_READ_TIMEOUT, max_connections=MAX_SCRAPE_CONNECTIONS,
+                            identify=_scraper,
+                            admit=lambda peer: None if limits.admit(peer.uid) else "too many connections from this uid",
+                            release=lambda peer: limits.release(peer.uid), name="metrics")
         server.add_listener(sock, "metrics")
         try:
             server.start()
@@ -409,6 +418,19 @@ class NodeMetrics:
         self._server = None
         if server is not None:
             server.stop(grace=1.0)
+
+
+def _scraper(sock: socket.socket, label: str) -> PeerIdentity:
+    """Who owns a scraper's socket, for its per-uid cap (:data:`MAX_SCRAPE_CONNECTIONS_PER_UID`).
+
+    Asked of the kernel as the API does (:func:`.api.peercred.tcp_peer`), but for any local
+    address, not only loopback: a sliver shares the node's network and may connect to its public
+    address. A remote scraper has no socket here, so no uid: remote scrapers share one cap, as
+    do peers whose lookup failed (never a guessed uid, never root's)."""
+    try:
+        return tcp_peer(sock.getsockname(), sock.getpeername(), loopback_only_identity=False, connection=sock)
+    except (OSError, ValueError, TypeError, IndexError):
+        return PeerIdentity(TRANSPORT_TCP, None)
 
 
 def _safe_meta(store: StoreView, key: str) -> str:
