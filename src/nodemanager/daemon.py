@@ -166,7 +166,9 @@ def build_node(
     operations = SliverOperations(store, backend, clock, node_cap_kbps=cap,
                                   on_change=loop.poke if loop is not None else None,
                                   on_failure=metrics.sliver_failed, lease_frozen=leases.is_frozen)
-    node: Node | None = None
+    # The sync loop's wake-up flag, made here so that the watcher can set it (a change arrived)
+    # without a reference to the Node it is part of.
+    wake = threading.Event()
     watcher = None
     if fetch is None:
         client = AuthorityClient.from_config(config)
@@ -174,7 +176,7 @@ def build_node(
         if config.authority.blocking_wait > 0 and offers_blocking(config.authority.url):
             watcher = AuthorityWatcher(
                 client, wait=config.authority.blocking_wait,
-                on_change=lambda: node.poll_now() if node is not None else None,
+                on_change=wake.set,
                 on_outcome=metrics.authority_wait, on_mode=_watch_mode_recorder(store, metrics, config),
             )
     syncer = Syncer(
@@ -199,11 +201,10 @@ def build_node(
     if config.api.tcp or config.api.unix_socket:
         server = ApiServer(api.dispatch_deferred, tcp=config.api.tcp, unix_socket=config.api.unix_socket,
                            max_request_bytes=config.api.max_request_bytes, on_request=metrics.api_request)
-    node = Node(config=config, datadir=datadir, store=store, host=host, backend=backend, cap=cap,
+    return Node(config=config, datadir=datadir, store=store, host=host, backend=backend, cap=cap,
                 enforcement=enforcement, enforcement_loop=loop, operations=operations, pool=pool,
                 syncer=syncer, api=api, api_server=server, metrics=metrics, clock=clock, leases=leases,
-                bwmon=bwmon, watcher=watcher)
-    return node
+                bwmon=bwmon, watcher=watcher, wake_event=wake)
 
 
 def _watch_mode_recorder(store: Store, metrics: NodeMetrics, config: Config) -> Callable[[bool], None]:
@@ -290,8 +291,10 @@ class Node:
         operations: SliverOperations, pool: WorkerPool, syncer: Syncer, api: NodeManagerApi,
         api_server: ApiServer | None, metrics: NodeMetrics, clock: Clock,
         leases: LeaseScheduler | None = None, bwmon: ByteBudgetMonitor | None = None,
-        watcher: AuthorityWatcher | None = None,
+        watcher: AuthorityWatcher | None = None, wake_event: threading.Event | None = None,
     ) -> None:
+        """``wake_event``: the flag that ends the loop's wait between polls (``poll_now``), when a
+        collaborator built with the node must be able to set it (the watcher); else a new one."""
         self.config = config
         self.datadir = datadir
         self.store = store
@@ -311,7 +314,7 @@ class Node:
         self.bwmon = bwmon
         self.watcher = watcher
         self.stop_event = threading.Event()
-        self.wake_event = threading.Event()
+        self.wake_event = wake_event if wake_event is not None else threading.Event()
         self._running = _Running()
         #: Called after every cycle with its outcome (the demo prints; tests wait on it).
         self.on_sync: list[Callable[[SyncOutcome], None]] = []
